@@ -1,0 +1,105 @@
+"""One family of typed errors shared by every slmops package.
+
+Two branches, after python-tuf: `BundleError` for bad content (a device must refuse it and keep what it has)
+and `TransportError` for trouble moving bytes (worth a retry). `MessageError` covers malformed MQTT payloads.
+Every error carries a `code` (a stable, machine-readable word used in status reports) and a message that says
+what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+
+class SlmopsError(Exception):
+    """Base class of every error slmops raises on purpose."""
+
+    code = "error"
+
+
+class ConfigError(SlmopsError):
+    """A setting, key file or path given by the user is missing or unusable."""
+
+    code = "config"
+
+
+class MessageError(SlmopsError):
+    """An MQTT payload is not valid JSON or does not match its schema."""
+
+    code = "bad_message"
+
+
+class TopicError(SlmopsError):
+    """A topic string does not follow the slmops topic layout."""
+
+    code = "bad_topic"
+
+
+class BundleError(SlmopsError):
+    """A bundle's content is not acceptable; the device must refuse it."""
+
+    code = "bad_bundle"
+
+
+class ManifestError(BundleError):
+    """The manifest is missing, not JSON, or does not match the manifest schema."""
+
+    code = "bad_manifest"
+
+
+class SignatureError(BundleError):
+    """The manifest is not signed by enough trusted keys, or a signature does not match."""
+
+    code = "bad_signature"
+
+
+class LengthOrHashMismatchError(BundleError):
+    """A file's size or sha256 differs from what the signed manifest says."""
+
+    code = "hash_mismatch"
+
+
+class UnexpectedFileError(BundleError):
+    """The bundle holds a file the manifest does not name, or a path that escapes the bundle."""
+
+    code = "unexpected_file"
+
+
+class MissingFileError(BundleError):
+    """A file the manifest names is absent from the bundle."""
+
+    code = "missing_file"
+
+
+class BadVersionNumberError(BundleError):
+    """The bundle's version is older than one the device already trusted (a rollback attack or a mistake)."""
+
+    code = "bad_version"
+
+
+class ExpiredMetadataError(BundleError):
+    """The signed manifest is past its expiry time."""
+
+    code = "expired"
+
+
+class IncompatibleTargetError(BundleError):
+    """The bundle targets a runtime, format or execution provider this device cannot run."""
+
+    code = "incompatible"
+
+
+class TransportError(SlmopsError):
+    """Bytes could not be moved (network down, server error); retrying may help."""
+
+    code = "transport"
+
+
+class DownloadError(TransportError):
+    """A download failed, was cut short, or exceeded its size cap."""
+
+    code = "download"
+
+
+class HealthCheckError(SlmopsError):
+    """A newly installed model failed its health check (load, smoke prompt, time limit)."""
+
+    code = "health_check"

@@ -1,0 +1,1 @@
+"""The slmops command line: wires protocol, agent, fleet and trainer together, loading each lazily."""
