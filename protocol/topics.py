@@ -101,3 +101,34 @@ def topic_matches(pattern: str, topic: str) -> bool:
         if i >= len(t) or (part != "+" and part != t[i]):
             return False
     return len(p) == len(t)
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the MQTT broker is: `mqtt://host:port` (MQTT 3.1.1), `mqtt5://host:port` (MQTT 5), `mqtts://` for TLS."""
+
+    host: str
+    port: int
+    protocol: int  # 4: MQTT 3.1.1, 5: MQTT 5
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> "BrokerAddress":
+        schemes = {"mqtt": (4, False), "mqtt5": (5, False), "mqtts": (4, True), "mqtt5s": (5, True)}
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in schemes:
+            raise TopicError(f"broker URL {url!r} must start with one of {', '.join(s + '://' for s in schemes)}")
+        hostport = rest.split("/", 1)[0]
+        host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+        version, tls = schemes[scheme]
+        try:
+            port_n = int(port) if port else (8883 if tls else 1883)
+        except ValueError as exc:
+            raise TopicError(f"broker URL {url!r} has a bad port {port!r}") from exc
+        if not host:
+            raise TopicError(f"broker URL {url!r} names no host")
+        return cls(host, port_n, version, tls)
+
+    def __str__(self) -> str:
+        scheme = {(4, False): "mqtt", (5, False): "mqtt5", (4, True): "mqtts", (5, True): "mqtt5s"}[(self.protocol, self.tls)]
+        return f"{scheme}://{self.host}:{self.port}"

@@ -1,0 +1,139 @@
+"""The agent's MQTT link: a persistent session, presence with a last will, commands in, reports out.
+
+Workflow: `Link.start()` connects with a stable client id and a persistent session (MQTT 3.1.1 clean_session=False,
+or MQTT 5 clean_start=False with a session expiry), so QoS 1 commands sent while the device was away arrive when
+it returns. The broker holds an "offline" presence as the last will; on connect the agent publishes a retained
+"online" presence and subscribes to its command topic. Payloads become typed messages at this edge; malformed or
+misaddressed ones are logged and dropped. paho reconnects by itself and queues QoS 1 publishes meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+
+from protocol import topics
+from protocol.errors import MessageError, TransportError
+from protocol.messages import ActiveModel, DeployCommand, Presence, _Message, encode, parse_message
+from protocol.topics import BrokerAddress
+
+from .store import SeqCounter
+
+log = logging.getLogger("slmops.agent.link")
+SESSION_EXPIRY_S = 7 * 24 * 3600  # seconds the broker keeps an MQTT 5 session (and queued commands) while away
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Link:
+    def __init__(
+        self,
+        device_id: str,
+        broker_url: str,
+        *,
+        seq: SeqCounter,
+        on_deploy: Callable[[DeployCommand], None],
+        active: Callable[[], ActiveModel | None],
+        agent_version: str = "",
+    ) -> None:
+        self.device_id, self.addr = device_id, BrokerAddress.parse(broker_url)
+        self.seq, self.on_deploy, self.active, self.agent_version = seq, on_deploy, active, agent_version
+        self.connected = threading.Event()
+        v5 = self.addr.protocol == 5
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"slmops-agent-{device_id}",
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else False,
+        )
+        if self.addr.tls:
+            self.client.tls_set()
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.max_queued_messages_set(1000)
+        self.client.will_set(str(topics.presence(device_id)), self._presence(False), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def start(self, timeout_s: float = 30.0) -> None:
+        props = None
+        kwargs = {}
+        if self.addr.protocol == 5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            kwargs = {"clean_start": False, "properties": props}
+        try:
+            self.client.connect(self.addr.host, self.addr.port, keepalive=30, **kwargs)
+        except OSError as exc:
+            raise TransportError(f"cannot reach the MQTT broker at {self.addr}: {exc}") from exc
+        self.client.loop_start()
+        if not self.connected.wait(timeout_s):
+            self.client.loop_stop()
+            raise TransportError(f"the MQTT broker at {self.addr} did not accept the connection within {timeout_s:g}s")
+
+    def stop(self) -> None:
+        """Say offline (retained) and disconnect cleanly."""
+        if self.connected.is_set():
+            info = self.client.publish(str(topics.presence(self.device_id)), self._presence(False), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=5)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- out ------------------------------------------------------------------------------------------------
+    def publish(self, topic: topics.Topic, message: _Message, *, qos: int = 1, retain: bool = False) -> None:
+        self.client.publish(str(topic), encode(message), qos=qos, retain=retain)
+
+    def announce(self) -> None:
+        """Publish the retained online presence (also after the active model changes)."""
+        self.client.publish(str(topics.presence(self.device_id)), self._presence(True), qos=1, retain=True)
+
+    def _presence(self, online: bool) -> bytes:
+        return encode(
+            Presence(
+                device_id=self.device_id,
+                online=online,
+                agent_version=self.agent_version,
+                active=self.active(),
+                seq=self.seq.next(),
+                sent_at=now(),
+            )
+        )
+
+    # -- paho callbacks (network thread) --------------------------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        client.subscribe(str(topics.cmd(self.device_id)), qos=1)
+        self.announce()
+        self.connected.set()
+        log.info("connected to %s as %s", self.addr, self.device_id)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        self.connected.clear()
+        if reason_code != 0:
+            log.warning("lost the broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        try:
+            message = parse_message(msg.payload)
+        except MessageError as exc:
+            log.warning("dropped a malformed message on %s: %s", msg.topic, exc)
+            return
+        if not isinstance(message, DeployCommand) or message.device_id != self.device_id:
+            log.warning("dropped a %s message on %s not meant for this device", message.kind, msg.topic)
+            return
+        self.on_deploy(message)

@@ -1,0 +1,164 @@
+"""The fleet's tables: every piece of fleet state lives here, so any replica can rebuild what another knew.
+
+    devices             one row per device: presence, last contact, what it serves
+    device_groups       which groups a device belongs to (many per device)
+    bundles             stored bundle files with their signed manifest
+    deployments         an operator's request: this bundle to that device or group
+    deployment_targets  each target device's desired bundle and the last state it reported for it
+    commands            every deploy command sent; its autoincrement id is the command's `seq`
+    status_reports      append-only history of what devices reported (deduplicated by message_id)
+    telemetry_samples   numeric health samples
+
+Timestamps are stored as naive UTC and come back timezone-aware (`UTCDateTime`), on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+PENDING = "pending"  # a deployment target's state before the device reports anything
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("timestamps stored by the fleet must be timezone-aware")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return value.replace(tzinfo=timezone.utc) if value is not None else None
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime}
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    registered_at: Mapped[datetime]
+    online: Mapped[bool] = mapped_column(default=False)
+    last_seen: Mapped[datetime | None]
+    agent_version: Mapped[str] = mapped_column(String(64), default="")
+    active_name: Mapped[str | None] = mapped_column(String(64))
+    active_version: Mapped[int | None]
+
+    groups: Mapped[list[DeviceGroup]] = relationship(
+        back_populates="device", cascade="all, delete-orphan", order_by="DeviceGroup.group"
+    )
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g.group for g in self.groups]
+
+
+class DeviceGroup(Base):
+    __tablename__ = "device_groups"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    group: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+    device: Mapped[Device] = relationship(back_populates="groups")
+
+
+class Bundle(Base):
+    __tablename__ = "bundles"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int]
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int]
+    storage_path: Mapped[str] = mapped_column(Text)  # relative to the bundle store's root
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)  # the signed manifest ("signed" of the envelope)
+    signer_keyids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    uploaded_at: Mapped[datetime]
+
+
+class Deployment(Base):
+    __tablename__ = "deployments"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex
+    bundle_name: Mapped[str] = mapped_column(String(64))
+    bundle_version: Mapped[int]
+    target_kind: Mapped[str] = mapped_column(String(16))  # "device" | "group"
+    target_value: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+
+    targets: Mapped[list[DeploymentTarget]] = relationship(
+        back_populates="deployment", cascade="all, delete-orphan", order_by="DeploymentTarget.device_id"
+    )
+
+
+class DeploymentTarget(Base):
+    __tablename__ = "deployment_targets"
+    __table_args__ = (Index("ix_deployment_targets_device", "device_id", "created_at"),)
+
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    state: Mapped[str] = mapped_column(String(32), default=PENDING)  # an UpdateState value or "pending"
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, default="")
+    last_seq: Mapped[int] = mapped_column(default=-1)  # seq of the report that set `state`; older ones are ignored
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    deployment: Mapped[Deployment] = relationship(back_populates="targets")
+
+
+class Command(Base):
+    __tablename__ = "commands"
+    __table_args__ = {"sqlite_autoincrement": True}  # ids never reused, so seq only grows
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(String(128), index=True)
+    message_id: Mapped[str] = mapped_column(String(64), unique=True)
+    sent_at: Mapped[datetime]
+
+
+class StatusReportRow(Base):
+    __tablename__ = "status_reports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    deployment_id: Mapped[str] = mapped_column(String(64), index=True)
+    bundle_name: Mapped[str] = mapped_column(String(64))
+    bundle_version: Mapped[int]
+    state: Mapped[str] = mapped_column(String(32))
+    active_version: Mapped[int | None]
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, default="")
+    seq: Mapped[int]
+    message_id: Mapped[str] = mapped_column(String(64), unique=True)
+    sent_at: Mapped[datetime]
+    received_at: Mapped[datetime]
+
+
+class TelemetrySample(Base):
+    __tablename__ = "telemetry_samples"
+    __table_args__ = (Index("ix_telemetry_device_time", "device_id", "received_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    received_at: Mapped[datetime]
+    uptime_s: Mapped[float]
+    requests_total: Mapped[int]
+    tokens_generated_total: Mapped[int]
+    tokens_per_s: Mapped[float]
+    cpu_percent: Mapped[float]
+    memory_rss_mb: Mapped[float]
+    memory_percent: Mapped[float]
