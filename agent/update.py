@@ -1,12 +1,13 @@
 """The agent's update lifecycle: one persisted state machine with one transition table.
 
-    DOWNLOAD -> VERIFY -> INSTALL -> HEALTH_CHECK -> COMMIT -> CLEANUP -> IDLE
-        |          |         |             |            |
-        +-> CLEANUP (failed) +-> ROLLBACK <+------------+     ROLLBACK -> CLEANUP (rolled back | failed)
-                   +-> CLEANUP (rejected)
+    DOWNLOAD -> VERIFY -> INSTALL -> HEALTH_CHECK -> COMMIT -> CLEANUP (active) -> IDLE
+        |          |         |___________|_____________|
+        v          v                     v
+     CLEANUP (rejected | failed)      ROLLBACK -> CLEANUP (rolled back | failed) -> IDLE
 
 Rules (after Mender):
-- Handlers do the work and return an `Event`; only `TRANSITIONS` picks the next state and the outcome.
+- Handlers do the work and end in an `Event` (success; reject: a `BundleError`, bad content; failure: anything
+  else); only `TRANSITIONS` picks the next state and the outcome.
 - The record (`state/update.json`) is written before each handler runs, so a restart knows where it stopped:
   stopped in DOWNLOAD or VERIFY -> run that step again (neither touches the live model); stopped in INSTALL,
   HEALTH_CHECK or COMMIT -> ROLLBACK; stopped in ROLLBACK or CLEANUP -> run it again. Every handler is idempotent.
@@ -64,7 +65,8 @@ class State(str, Enum):
 
 class Event(str, Enum):
     SUCCESS = "success"
-    FAILURE = "failure"
+    REJECT = "reject"  # the bundle's content is not acceptable (a BundleError): nothing was installed
+    FAILURE = "failure"  # anything else went wrong (network, disk, health check, a bug)
 
 
 S, E, U = State, Event, UpdateState
@@ -72,9 +74,11 @@ S, E, U = State, Event, UpdateState
 # (state, event) -> (next state, outcome decided by this transition)
 TRANSITIONS: dict[tuple[State, Event], tuple[State, UpdateState | None]] = {
     (S.DOWNLOAD, E.SUCCESS): (S.VERIFY, None),
+    (S.DOWNLOAD, E.REJECT): (S.CLEANUP, U.REJECTED),
     (S.DOWNLOAD, E.FAILURE): (S.CLEANUP, U.FAILED),
     (S.VERIFY, E.SUCCESS): (S.INSTALL, None),
-    (S.VERIFY, E.FAILURE): (S.CLEANUP, U.REJECTED),
+    (S.VERIFY, E.REJECT): (S.CLEANUP, U.REJECTED),
+    (S.VERIFY, E.FAILURE): (S.CLEANUP, U.FAILED),
     (S.INSTALL, E.SUCCESS): (S.HEALTH_CHECK, None),
     (S.INSTALL, E.FAILURE): (S.ROLLBACK, None),
     (S.HEALTH_CHECK, E.SUCCESS): (S.COMMIT, None),
@@ -220,9 +224,13 @@ class Updater:
         if entered > MAX_ENTRIES:
             rec.error_code, rec.detail = "state_loop", f"{rec.state.value} entered {entered} times; giving up"
             return E.FAILURE
+        event = E.FAILURE
         try:
             self.handlers[rec.state](rec)
             return E.SUCCESS
+        except BundleError as exc:
+            err_code, detail = exc.code, str(exc)
+            event = E.REJECT if (rec.state, E.REJECT) in TRANSITIONS else E.FAILURE
         except SlmopsError as exc:
             err_code, detail = exc.code, str(exc)
         except Exception as exc:  # a bug or an OS error must still end in a report, never a dead agent
@@ -232,7 +240,7 @@ class Updater:
             rec.detail += f"; then {rec.state.value} failed: {detail}"
         else:
             rec.error_code, rec.detail = err_code, detail
-        return E.FAILURE
+        return event
 
     # -- handlers: each idempotent, each returns normally or raises ----------------------------------------
     def _download(self, rec: Record) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 from protocol.errors import ConfigError
@@ -34,7 +35,7 @@ class Database:
 def open_database(url: str) -> Database:
     try:
         parsed = make_url(url)
-    except Exception as exc:  # sqlalchemy raises ArgumentError with no common base worth naming
+    except ArgumentError as exc:
         raise ConfigError(f"database_url {url!r} is not a database URL: {exc}") from exc
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":

@@ -105,10 +105,15 @@ class Deployment(Base):
 
 class DeploymentTarget(Base):
     __tablename__ = "deployment_targets"
-    __table_args__ = (Index("ix_deployment_targets_device", "device_id", "created_at"),)
+    __table_args__ = (
+        UniqueConstraint("deployment_id", "device_id"),
+        Index("ix_deployment_targets_device", "device_id", "id"),
+        {"sqlite_autoincrement": True},  # the newest target of a device has the highest id
+    )
 
-    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True)
-    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
     state: Mapped[str] = mapped_column(String(32), default=PENDING)  # an UpdateState value or "pending"
     error_code: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text, default="")

@@ -37,7 +37,7 @@ def write_bundle(out: BinaryIO, envelope: bytes, files: Iterable[tuple[str, Bina
 
 
 def read_envelope(fileobj: BinaryIO) -> bytes:
-    """Return the envelope bytes from the start of a bundle stream (left positioned after it)."""
+    """Return the envelope bytes from the start of a bundle stream (the stream is read ahead; reopen or seek(0) to unpack)."""
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r|")
         first = tar.next()

@@ -184,10 +184,10 @@ class Manifest(_Frozen):
         try:
             return cls.model_validate(signed)
         except ValidationError as exc:
-            raise ManifestError(f"manifest does not match the schema: {_first_error(exc)}") from exc
+            raise ManifestError(f"manifest does not match the schema: {first_error(exc)}") from exc
 
 
-def _first_error(exc: ValidationError) -> str:
+def first_error(exc: ValidationError) -> str:
     errs = exc.errors()
     if not errs:
         return str(exc)

@@ -22,7 +22,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import MessageError
-from .manifest import NAME_RE, _first_error, canonical_bytes
+from .manifest import NAME_RE, first_error, canonical_bytes
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024  # bytes: larger MQTT payloads are refused unparsed
@@ -150,7 +150,7 @@ def parse_message(payload: bytes) -> DeployCommand | StatusReport | Telemetry | 
     try:
         return _ADAPTER.validate_python(doc)
     except ValidationError as exc:
-        raise MessageError(f"{doc.get('kind', 'message')!s} does not match its schema: {_first_error(exc)}") from exc
+        raise MessageError(f"{doc.get('kind', 'message')!s} does not match its schema: {first_error(exc)}") from exc
 
 
 def encode(message: _Message) -> bytes:

@@ -1,16 +1,19 @@
 """The `slmops` command: one entry point, a sub-command per package, each imported only when used.
 
-`slmops agent run` therefore never loads the trainer (torch) or the fleet (SQLAlchemy, amqtt).
+`main()` looks at which sub-command was asked for and imports only that package's typer app; the others appear
+in `slmops --help` as placeholders with their one-line help. So `slmops agent run` never loads the trainer
+(torch) or the fleet (SQLAlchemy, amqtt).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 
-import click
+import typer
 
-# name -> (module, attribute holding a typer.Typer, one-line help shown by `slmops --help`)
+# name -> (module, attribute holding a typer.Typer, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("trainer.cli", "app", "Build the tiny reference model, export to onnxruntime-genai int4, evaluate."),
     "keys": ("fleet.cli", "keys_app", "Generate Ed25519 signing keys."),
@@ -21,35 +24,29 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(COMMANDS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS:
-            return None
-        from typer.main import get_command
-
-        module, attr, help_ = COMMANDS[name]
-        cmd = get_command(getattr(importlib.import_module(module), attr))
-        cmd.name, cmd.help = name, cmd.help or help_
-        return cmd
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        with formatter.section("Commands"):
-            formatter.write_dl([(name, h) for name, (_, _, h) in COMMANDS.items()])
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option("0.1.0", prog_name="slmops")
-def cli() -> None:
-    """slmops: build, sign and roll out small language models to device fleets; private local inference."""
+def build_app(argv: list[str]) -> typer.Typer:
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    app = typer.Typer(
+        help="slmops: build, sign and roll out small language models to device fleets; private local inference.",
+        no_args_is_help=True,
+        context_settings={"help_option_names": ["-h", "--help"]},
+        add_completion=False,
+    )
+    for name, (module, attr, help_) in COMMANDS.items():
+        if name == wanted:
+            sub = getattr(importlib.import_module(module), attr)
+        else:
+            sub = typer.Typer(help=help_)
+            sub.callback(invoke_without_command=True)(lambda: None)
+        app.add_typer(sub, name=name, help=help_)
+    return app
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     for var in ("ORT_DISABLE_TELEMETRY", "OLIVE_DISABLE_TELEMETRY", "HF_HUB_OFFLINE"):
         os.environ.setdefault(var, "1")
-    cli()
+    args = sys.argv[1:] if argv is None else argv
+    build_app(args)(args, prog_name="slmops")
 
 
 if __name__ == "__main__":

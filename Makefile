@@ -1,0 +1,27 @@
+# make demo: the whole story on this machine.  make test: the test suite.  Both set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# torch 2.13.0 has a CPU wheel; a plain "torch" may pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+export ORT_DISABLE_TELEMETRY=1 OLIVE_DISABLE_TELEMETRY=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: demo test venv clean bench
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[agent,fleet,trainer,dev]"
+	touch $@
+
+demo: venv
+	$(VENV)/bin/slmops demo
+
+test: venv
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .cache demo-out .pytest_cache

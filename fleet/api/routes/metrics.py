@@ -1,0 +1,39 @@
+"""Prometheus metrics, computed from the database at scrape time so every replica reports the same numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from sqlalchemy.orm import Session
+
+from ... import crud
+from ..deps import FleetDep, SessionDep
+
+router = APIRouter(tags=["metrics"])
+
+
+class FleetCollector:
+    def __init__(self, s: Session, mqtt_connected: bool) -> None:
+        self.s, self.mqtt_connected = s, mqtt_connected
+
+    def collect(self) -> Iterator[Metric]:
+        total, online = crud.count_devices(self.s)
+        yield GaugeMetricFamily("slmops_devices", "Registered devices", value=total)
+        yield GaugeMetricFamily("slmops_devices_online", "Devices whose last presence said online", value=online)
+        reports = CounterMetricFamily("slmops_status_reports", "Status reports received, by state", labels=["state"])
+        for state, n in sorted(crud.report_counts_by_state(self.s).items()):
+            reports.add_metric([state], n)
+        yield reports
+        yield GaugeMetricFamily(
+            "slmops_mqtt_connected", "1 while this replica is subscribed on the MQTT broker", value=int(self.mqtt_connected)
+        )
+
+
+@router.get("/metrics")
+def metrics(s: SessionDep, fleet: FleetDep) -> Response:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(s, fleet.messaging.connected))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,274 @@
+"""Reads and writes of fleet state, as keyword-only functions over an open `Session`.
+
+Callers own the transaction (`with factory() as s, s.begin(): ...`) and pass the clock in (`now=`), so a function
+here never commits and never reads the time. Inbound device messages land through `record_status`,
+`record_presence` and `record_telemetry`; each registers a device it has not heard of.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from protocol.manifest import Manifest
+from protocol.messages import Presence, StatusReport, Telemetry
+
+from .models import (
+    PENDING,
+    Bundle,
+    Command,
+    Deployment,
+    DeploymentTarget,
+    Device,
+    DeviceGroup,
+    StatusReportRow,
+    TelemetrySample,
+)
+
+# ---- devices ------------------------------------------------------------------------------------------------
+
+
+def get_device(s: Session, *, device_id: str) -> Device | None:
+    return s.get(Device, device_id)
+
+
+def ensure_device(s: Session, *, device_id: str, now: datetime) -> Device:
+    device = s.get(Device, device_id)
+    if device is None:
+        device = Device(id=device_id, registered_at=now, online=False, agent_version="")
+        s.add(device)
+        s.flush()
+    return device
+
+
+def register_device(s: Session, *, device_id: str, groups: Sequence[str], now: datetime) -> tuple[Device, bool]:
+    """Create or update a device and replace its groups; returns (device, created)."""
+    created = s.get(Device, device_id) is None
+    device = ensure_device(s, device_id=device_id, now=now)
+    device.groups = [DeviceGroup(device_id=device_id, group=g) for g in sorted(set(groups))]
+    s.flush()
+    return device, created
+
+
+def list_devices(s: Session, *, group: str | None = None) -> list[Device]:
+    q = select(Device).options(selectinload(Device.groups)).order_by(Device.id)
+    if group is not None:
+        q = q.where(Device.id.in_(select(DeviceGroup.device_id).where(DeviceGroup.group == group)))
+    return list(s.scalars(q))
+
+
+def count_devices(s: Session) -> tuple[int, int]:
+    """(total, online)."""
+    total = s.scalar(select(func.count()).select_from(Device)) or 0
+    online = s.scalar(select(func.count()).select_from(Device).where(Device.online.is_(True))) or 0
+    return total, online
+
+
+# ---- inbound messages ---------------------------------------------------------------------------------------
+
+
+def record_presence(s: Session, *, msg: Presence, now: datetime) -> Device:
+    device = ensure_device(s, device_id=msg.device_id, now=now)
+    device.online = msg.online
+    device.last_seen = now
+    if msg.agent_version:
+        device.agent_version = msg.agent_version
+    if msg.online:  # an online device says what it serves now (None: nothing installed yet)
+        device.active_name = msg.active.name if msg.active else None
+        device.active_version = msg.active.version if msg.active else None
+    return device
+
+
+def record_telemetry(s: Session, *, msg: Telemetry, now: datetime) -> TelemetrySample:
+    device = ensure_device(s, device_id=msg.device_id, now=now)
+    device.last_seen = now
+    sample = TelemetrySample(
+        device_id=msg.device_id,
+        received_at=now,
+        uptime_s=msg.uptime_s,
+        requests_total=msg.requests_total,
+        tokens_generated_total=msg.tokens_generated_total,
+        tokens_per_s=msg.tokens_per_s,
+        cpu_percent=msg.cpu_percent,
+        memory_rss_mb=msg.memory_rss_mb,
+        memory_percent=msg.memory_percent,
+    )
+    s.add(sample)
+    return sample
+
+
+def record_status(s: Session, *, msg: StatusReport, now: datetime) -> StatusReportRow | None:
+    """Append a report to the history and apply it to its deployment target; None if already recorded.
+
+    The target's state moves only for a report about the target's bundle whose `seq` is not older than the one
+    that set the current state, so a late QoS 1 redelivery cannot move a device backwards.
+    """
+    if s.scalar(select(StatusReportRow.id).where(StatusReportRow.message_id == msg.message_id)) is not None:
+        return None
+    device = ensure_device(s, device_id=msg.device_id, now=now)
+    device.last_seen = now
+    row = StatusReportRow(
+        device_id=msg.device_id,
+        deployment_id=msg.deployment_id,
+        bundle_name=msg.bundle_name,
+        bundle_version=msg.bundle_version,
+        state=msg.state.value,
+        active_version=msg.active_version,
+        error_code=msg.error_code,
+        detail=msg.detail,
+        seq=msg.seq,
+        message_id=msg.message_id,
+        sent_at=msg.sent_at,
+        received_at=now,
+    )
+    s.add(row)
+    target = s.scalar(
+        select(DeploymentTarget).where(
+            DeploymentTarget.deployment_id == msg.deployment_id, DeploymentTarget.device_id == msg.device_id
+        )
+    )
+    fresh = target is None or msg.seq >= target.last_seq
+    if target is not None and fresh and (target.deployment.bundle_name, target.deployment.bundle_version) == (
+        msg.bundle_name,
+        msg.bundle_version,
+    ):
+        target.state, target.error_code, target.detail = msg.state.value, msg.error_code, msg.detail
+        target.last_seq, target.updated_at = msg.seq, now
+    if fresh and msg.active_version is not None:
+        device.active_name, device.active_version = msg.bundle_name, msg.active_version
+    s.flush()
+    return row
+
+
+def status_history(s: Session, *, device_id: str, limit: int = 50) -> list[StatusReportRow]:
+    """The device's last `limit` reports, oldest first (in the order the fleet received them)."""
+    q = (
+        select(StatusReportRow)
+        .where(StatusReportRow.device_id == device_id)
+        .order_by(StatusReportRow.id.desc())
+        .limit(limit)
+    )
+    return list(reversed(s.scalars(q).all()))
+
+
+def report_counts_by_state(s: Session) -> dict[str, int]:
+    q = select(StatusReportRow.state, func.count()).group_by(StatusReportRow.state)
+    return {state: n for state, n in s.execute(q).tuples()}
+
+
+# ---- bundles ------------------------------------------------------------------------------------------------
+
+
+def get_bundle(s: Session, *, name: str, version: int) -> Bundle | None:
+    return s.scalar(select(Bundle).where(Bundle.name == name, Bundle.version == version))
+
+
+def list_bundles(s: Session, *, name: str | None = None) -> list[Bundle]:
+    q = select(Bundle).order_by(Bundle.name, Bundle.version)
+    if name is not None:
+        q = q.where(Bundle.name == name)
+    return list(s.scalars(q))
+
+
+def latest_version(s: Session, *, name: str) -> int | None:
+    return s.scalar(select(func.max(Bundle.version)).where(Bundle.name == name))
+
+
+def add_bundle(
+    s: Session,
+    *,
+    manifest: Manifest,
+    sha256: str,
+    size: int,
+    storage_path: str,
+    signer_keyids: Sequence[str],
+    now: datetime,
+) -> Bundle:
+    bundle = Bundle(
+        name=manifest.name,
+        version=manifest.version,
+        sha256=sha256,
+        size=size,
+        storage_path=storage_path,
+        manifest=manifest.to_signed(),
+        signer_keyids=list(signer_keyids),
+        uploaded_at=now,
+    )
+    s.add(bundle)
+    s.flush()
+    return bundle
+
+
+# ---- deployments --------------------------------------------------------------------------------------------
+
+
+def create_deployment(
+    s: Session,
+    *,
+    deployment_id: str,
+    bundle: Bundle,
+    target_kind: str,
+    target_value: str,
+    device_ids: Sequence[str],
+    now: datetime,
+) -> Deployment:
+    """Record the request and make `bundle` the desired bundle of every device in `device_ids`."""
+    deployment = Deployment(
+        id=deployment_id,
+        bundle_name=bundle.name,
+        bundle_version=bundle.version,
+        target_kind=target_kind,
+        target_value=target_value,
+        created_at=now,
+    )
+    deployment.targets = [
+        DeploymentTarget(device_id=d, state=PENDING, detail="", last_seq=-1, created_at=now, updated_at=now)
+        for d in sorted(set(device_ids))
+    ]
+    s.add(deployment)
+    s.flush()
+    return deployment
+
+
+def get_deployment(s: Session, *, deployment_id: str) -> Deployment | None:
+    return s.scalar(
+        select(Deployment).options(selectinload(Deployment.targets)).where(Deployment.id == deployment_id)
+    )
+
+
+def list_deployments(s: Session, *, limit: int = 100) -> list[Deployment]:
+    q = (
+        select(Deployment)
+        .options(selectinload(Deployment.targets))
+        .order_by(Deployment.created_at.desc(), Deployment.id)
+        .limit(limit)
+    )
+    return list(s.scalars(q))
+
+
+def state_counts(deployment: Deployment) -> dict[str, int]:
+    return dict(Counter(t.state for t in deployment.targets))
+
+
+def desired_target(s: Session, *, device_id: str) -> DeploymentTarget | None:
+    """The device's desired bundle: the target of the newest deployment that names it."""
+    q = (
+        select(DeploymentTarget)
+        .options(selectinload(DeploymentTarget.deployment))
+        .where(DeploymentTarget.device_id == device_id)
+        .order_by(DeploymentTarget.id.desc())
+        .limit(1)
+    )
+    return s.scalar(q)
+
+
+def record_command(s: Session, *, deployment_id: str, device_id: str, message_id: str, now: datetime) -> Command:
+    """Log a deploy command about to be sent; its id is the command's fleet-wide `seq`."""
+    command = Command(deployment_id=deployment_id, device_id=device_id, message_id=message_id, sent_at=now)
+    s.add(command)
+    s.flush()
+    return command

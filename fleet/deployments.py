@@ -1,0 +1,106 @@
+"""Deployments: turn "bundle B to device D / group G" into desired state in the database and deploy commands.
+
+Workflow: `plan_deployment` records the deployment and each target device's desired bundle and returns one
+`DeployCommand` per device; the caller commits, then publishes them (so a device's first status report always
+finds its target row). `commands_to_resend` re-issues the command for a device that comes back online while its
+desired bundle is neither installed nor finished, because a command sent while it was away may be lost.
+A device therefore may receive the same deployment more than once and must treat `deployment_id` as idempotent.
+
+Every command is logged in the `commands` table first; that row's autoincrement id is the command's `seq`, so
+seq grows across the whole fleet and replicas sharing the database never hand out the same number.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from protocol.messages import BundleRef, DeployCommand, UpdateState
+
+from . import crud
+from .errors import NotFoundError
+from .models import Bundle, Deployment
+from .settings import Settings
+
+TERMINAL = frozenset(s.value for s in UpdateState if s.terminal)  # target states after which nothing is resent
+
+
+def plan_deployment(
+    s: Session,
+    *,
+    settings: Settings,
+    bundle_name: str,
+    version: int,
+    device_id: str | None = None,
+    group: str | None = None,
+    now: datetime,
+) -> tuple[Deployment, list[DeployCommand]]:
+    if (device_id is None) == (group is None):
+        raise ValueError("name exactly one of device_id and group")
+    bundle = crud.get_bundle(s, name=bundle_name, version=version)
+    if bundle is None:
+        raise NotFoundError(f"bundle {bundle_name} v{version} is not stored; upload it first (POST /api/v1/bundles)")
+    if device_id is not None:
+        if crud.get_device(s, device_id=device_id) is None:
+            raise NotFoundError(f"device {device_id!r} is not registered; register it (POST /api/v1/devices) or start its agent")
+        kind, value, device_ids = "device", device_id, [device_id]
+    else:
+        assert group is not None
+        device_ids = [d.id for d in crud.list_devices(s, group=group)]
+        if not device_ids:
+            raise NotFoundError(f"group {group!r} has no devices; register devices with that group (POST /api/v1/devices)")
+        kind, value = "group", group
+    deployment = crud.create_deployment(
+        s,
+        deployment_id=uuid.uuid4().hex,
+        bundle=bundle,
+        target_kind=kind,
+        target_value=value,
+        device_ids=device_ids,
+        now=now,
+    )
+    commands = [
+        deploy_command(s, settings=settings, deployment_id=deployment.id, bundle=bundle, device_id=d, now=now)
+        for d in device_ids
+    ]
+    return deployment, commands
+
+
+def commands_to_resend(s: Session, *, settings: Settings, device_id: str, now: datetime) -> list[DeployCommand]:
+    target = crud.desired_target(s, device_id=device_id)
+    if target is None or target.state in TERMINAL:
+        return []
+    deployment = target.deployment
+    device = crud.get_device(s, device_id=device_id)
+    if device is not None and (device.active_name, device.active_version) == (
+        deployment.bundle_name,
+        deployment.bundle_version,
+    ):
+        return []
+    bundle = crud.get_bundle(s, name=deployment.bundle_name, version=deployment.bundle_version)
+    if bundle is None:
+        return []
+    return [deploy_command(s, settings=settings, deployment_id=deployment.id, bundle=bundle, device_id=device_id, now=now)]
+
+
+def deploy_command(
+    s: Session, *, settings: Settings, deployment_id: str, bundle: Bundle, device_id: str, now: datetime
+) -> DeployCommand:
+    message_id = uuid.uuid4().hex
+    row = crud.record_command(s, deployment_id=deployment_id, device_id=device_id, message_id=message_id, now=now)
+    return DeployCommand(
+        message_id=message_id,
+        seq=row.id,
+        sent_at=now,
+        deployment_id=deployment_id,
+        device_id=device_id,
+        bundle=BundleRef(
+            name=bundle.name,
+            version=bundle.version,
+            url=settings.bundle_url(bundle.name, bundle.version),
+            sha256=bundle.sha256,
+            size=bundle.size,
+        ),
+    )

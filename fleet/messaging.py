@@ -1,0 +1,183 @@
+"""MQTT in and out of the fleet: deploy commands out; status, telemetry and presence in.
+
+Workflow: `FleetMessaging(settings, sessions).start()` connects a paho-mqtt 2.x client (its own network thread,
+reconnects by itself) with a stable client id and a persistent session, and on every (re)connect subscribes at
+QoS 1 to the status, telemetry and presence wildcards of `protocol.topics`. `wait_connected()` returns once the
+broker has acknowledged those subscriptions.
+
+Each inbound payload becomes a typed message with `protocol.messages.parse_message`; a payload that does not
+parse, names another device than its topic, or arrives on the wrong channel is logged with the reason and
+dropped. Valid ones are written in one transaction each through `fleet.crud`; a status report already stored
+(same message_id, a QoS 1 redelivery) is skipped. A device that comes online gets its unfinished deploy command
+again (see `fleet.deployments.commands_to_resend`). `publish_deploy` sends a `DeployCommand` at QoS 1, not
+retained, to `protocol.topics.cmd(device_id)`; paho queues it while the broker is away.
+
+Broker URLs (`protocol.topics.BrokerAddress`): `mqtt://host:port` speaks MQTT 3.1.1 (amqtt, the embedded broker,
+knows only that), `mqtt5://host:port` MQTT 5; `mqtts://` and `mqtt5s://` add TLS with the system's CA store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from protocol import topics
+from protocol.errors import ConfigError, MessageError, TopicError
+from protocol.messages import DeployCommand, Presence, StatusReport, Telemetry, encode, parse_message
+
+from . import crud
+from .deployments import commands_to_resend
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_S = 30  # seconds between MQTT pings; the broker drops the fleet after 1.5x this without traffic
+SESSION_EXPIRY_S = 24 * 3600  # seconds an MQTT 5 broker keeps the fleet's session while it is away
+SUBSCRIBED = {
+    topics.Channel.STATUS: StatusReport,
+    topics.Channel.TELEMETRY: Telemetry,
+    topics.Channel.PRESENCE: Presence,
+}
+
+
+class FleetMessaging:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> None:
+        self.settings, self.sessions, self.clock = settings, sessions, clock
+        try:
+            addr = topics.BrokerAddress.parse(settings.effective_broker_url)
+        except TopicError as exc:
+            raise ConfigError(f"fleet broker_url: {exc}") from exc
+        self.host, self.port, self.protocol = addr.host, addr.port, addr.protocol
+        self._subscribed = threading.Event()
+        self._sub_mid: int | None = None
+        v5 = self.protocol == mqtt.MQTTv5
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else False,
+        )
+        if addr.tls:
+            client.tls_set()
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self.client = client
+
+    # ---- lifecycle --------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; paho retries until the broker answers."""
+        if self.protocol == mqtt.MQTTv5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            self.client.connect_async(self.host, self.port, KEEPALIVE_S, clean_start=False, properties=props)
+        else:
+            self.client.connect_async(self.host, self.port, KEEPALIVE_S)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._subscribed.clear()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """True once connected and subscribed; False if that did not happen within `timeout` seconds."""
+        return self._subscribed.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._subscribed.is_set()
+
+    # ---- outbound ---------------------------------------------------------------------------------------------
+
+    def publish_deploy(self, command: DeployCommand) -> None:
+        info = self.client.publish(str(topics.cmd(command.device_id)), encode(command), qos=1, retain=False)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.error("deploy command %s to %s not queued: %s", command.message_id, command.device_id, mqtt.error_string(info.rc))
+
+    # ---- inbound ----------------------------------------------------------------------------------------------
+
+    def ingest(self, topic: str, payload: bytes) -> None:
+        """Parse, check and store one inbound message; anything wrong with it is logged and dropped."""
+        try:
+            where = topics.Topic.parse(topic)
+            if where.channel is topics.Channel.PRESENCE and not payload:
+                return  # a retained presence message being cleared
+            msg = parse_message(payload)
+            expected = SUBSCRIBED.get(where.channel)
+            if expected is None or not isinstance(msg, expected):
+                raise MessageError(f"a {msg.kind} message does not belong on the {where.channel.value} channel")
+            if msg.device_id != where.device_id:
+                raise MessageError(f"message names device {msg.device_id!r} but came on {where.device_id!r}'s topic")
+        except (TopicError, MessageError) as exc:
+            log.warning("dropped message on %s: %s", topic, exc)
+            return
+        try:
+            self._store(msg)
+        except IntegrityError:
+            log.info("dropped duplicate %s %s from %s", msg.kind, msg.message_id, msg.device_id)
+        except SQLAlchemyError:
+            log.exception("could not store %s %s from %s", msg.kind, msg.message_id, msg.device_id)
+
+    def _store(self, msg: StatusReport | Telemetry | Presence) -> None:
+        now = self.clock()
+        resend: list[DeployCommand] = []
+        with self.sessions() as s, s.begin():
+            if isinstance(msg, StatusReport):
+                if crud.record_status(s, msg=msg, now=now) is None:
+                    log.info("dropped duplicate status %s from %s", msg.message_id, msg.device_id)
+            elif isinstance(msg, Telemetry):
+                crud.record_telemetry(s, msg=msg, now=now)
+            else:
+                crud.record_presence(s, msg=msg, now=now)
+                if msg.online:
+                    resend = commands_to_resend(s, settings=self.settings, device_id=msg.device_id, now=now)
+        for command in resend:
+            log.info("device %s is back; sending deployment %s again", command.device_id, command.deployment_id)
+            self.publish_deploy(command)
+
+    # ---- paho callbacks (network thread) ---------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            log.error("MQTT broker %s:%s refused the fleet: %s", self.host, self.port, reason)
+            return
+        log.info("connected to MQTT broker %s:%s (session present: %s)", self.host, self.port, flags.session_present)
+        _, self._sub_mid = client.subscribe([(topics.Topic.wildcard(ch), 1) for ch in SUBSCRIBED])
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, reasons: list[Any], _p: Any) -> None:
+        if mid != self._sub_mid:
+            return
+        failed = [str(r) for r in reasons if r.is_failure]
+        if failed:
+            log.error("MQTT broker refused the fleet's subscriptions: %s", ", ".join(failed))
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self._subscribed.clear()
+        if reason.is_failure:
+            log.warning("lost the MQTT broker %s:%s (%s); reconnecting", self.host, self.port, reason)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            self.ingest(message.topic, message.payload)
+        except Exception:  # the network thread must survive whatever one message does
+            log.exception("unexpected error while handling a message on %s", message.topic)

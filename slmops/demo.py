@@ -1,0 +1,204 @@
+"""`slmops demo`: the whole story on one machine, printed as a report.
+
+Build the tiny reference model twice (v1 short training, v2 longer), export both to onnxruntime-genai int4 and
+evaluate them, sign bundles v1, v2 and a deliberately broken v3 (v2 with damaged weights), start the fleet with
+its embedded MQTT broker and three agents, roll v1 then v2 then v3 out to group `demo`, ask every agent a question
+through its local API after each rollout, and check that v3 was rolled back everywhere while v2 still answers.
+Models are cached in the work folder, so a second run skips training. Exit code 0 only if every check holds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+app = typer.Typer(help="Run the whole story on this machine and print a report.")
+console = Console()
+NAME, GROUP = "triage", "demo"
+
+
+@dataclass
+class Built:
+    version: int
+    folder: Path
+    note: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    bundle: Path | None = None
+
+
+@dataclass
+class Rollout:
+    version: int
+    targets: dict[str, dict]
+    answers: dict[str, tuple[str, str]]
+    seconds: float
+
+
+def _build_models(work: Path, steps_v1: int, steps_v2: int, fresh: bool) -> list[Built]:
+    from slmops.story import damaged_copy
+    from trainer.evaluate import write_eval
+    from trainer.export import export
+    from trainer.tiny import build_tiny
+
+    models = work / "models"
+    if fresh:
+        shutil.rmtree(models, ignore_errors=True)
+    built = []
+    for version, steps in ((1, steps_v1), (2, steps_v2)):
+        hf, onnx = models / f"v{version}-hf-{steps}", models / f"v{version}-int4-{steps}"
+        if not (onnx / "eval.json").exists():
+            console.print(f"  training v{version}: tiny Qwen2 from scratch, {steps} steps")
+            shutil.rmtree(hf, ignore_errors=True)
+            build_tiny(hf, steps=steps, seed=0, progress=True)
+            console.print(f"  exporting v{version} to onnxruntime-genai int4 and evaluating it")
+            shutil.rmtree(onnx, ignore_errors=True)
+            export(hf, onnx, precision="int4")
+            write_eval(onnx)
+        else:
+            console.print(f"  v{version}: reusing {onnx}")
+        built.append(Built(version, onnx, f"{steps} training steps"))
+    broken = damaged_copy(built[1].folder, models / "v3-int4-damaged")
+    built.append(Built(3, broken, "v2 with damaged weights (health check must fail)"))
+    import json
+
+    for b in built:
+        b.metrics = json.loads((b.folder / "eval.json").read_text()).get("metrics", {})
+    return built
+
+
+def _sign(work: Path, built: list[Built]) -> tuple[Path, str]:
+    from fleet.bundles import build_bundle
+    from protocol.trust import generate_keypair
+
+    keys = work / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    key = generate_keypair()
+    (keys / "fleet.key").write_bytes(key.to_pem())
+    (keys / "fleet.key").chmod(0o600)
+    (keys / "fleet.pub").write_bytes(key.public.to_pem())
+    now = datetime.now(timezone.utc)
+    for b in built:
+        b.bundle = work / "bundles" / f"{NAME}-v{b.version}.bundle"
+        build_bundle(b.folder, b.bundle, name=NAME, version=b.version, signers=[key], now=now,
+                     base_model="slmops tiny Qwen2 (reference)", expires=now + timedelta(days=30), description=b.note)
+    return keys / "fleet.pub", key.keyid
+
+
+def _rollout_table(r: Rollout) -> Table:
+    t = Table(title=f"rollout of {NAME} v{r.version} to group '{GROUP}' ({r.seconds:.1f}s)", title_justify="left")
+    for col in ("device", "result", "serving", "reason", "local API answer"):
+        t.add_column(col)
+    for dev, tgt in sorted(r.targets.items()):
+        model, answer = r.answers.get(dev, ("-", "-"))
+        color = {"active": "green", "rolled_back": "yellow"}.get(tgt["state"], "red")
+        t.add_row(dev, f"[{color}]{tgt['state']}[/]", model, (tgt.get("detail") or "")[:70], answer)
+    return t
+
+
+@app.callback(invoke_without_command=True)
+def demo(
+    workdir: Path = typer.Option(Path("demo-out"), help="Work folder: models, keys, bundles, fleet data, agent data, logs."),
+    agents: int = typer.Option(3, min=1, max=20, help="How many agents (devices) to start."),
+    broker: str | None = typer.Option(None, help="External broker URL (mqtt:// or mqtt5://); default: the fleet's embedded one."),
+    steps_v1: int = typer.Option(150, help="Training steps for v1."),
+    steps_v2: int = typer.Option(600, help="Training steps for v2."),
+    fresh: bool = typer.Option(False, help="Retrain the models even if the work folder has them."),
+) -> None:
+    """Run the whole story on this machine and print a report."""
+    from slmops.story import AgentProcess, FleetClient, FleetServer, ask, rollout
+
+    started = time.monotonic()
+    work = workdir.resolve()
+    for sub in ("fleet", "agents", "logs", "bundles", "keys"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+    console.print(Panel.fit("[bold]slmops demo[/]: tiny model -> signed int4 bundle -> MQTT rollout -> "
+                            "agents verify, serve, report, roll back", border_style="cyan"))
+
+    console.rule("[bold]1. Build, export to int4, evaluate")
+    built = _build_models(work, steps_v1, steps_v2, fresh)
+    t = Table(title="models (eval on the held-out test split of the triage task)", title_justify="left")
+    for col in ("version", "what", "label accuracy", "format ok", "exact match", "tokens/s"):
+        t.add_column(col)
+    for b in built:
+        m = b.metrics
+        t.add_row(f"v{b.version}", b.note, f"{m.get('label_accuracy', 0):.1%}", f"{m.get('format_rate', 0):.1%}",
+                  f"{m.get('exact_match', 0):.1%}", f"{m.get('tokens_per_s', 0):.0f}")
+    console.print(t)
+
+    console.rule("[bold]2. Sign bundles")
+    pub, keyid = _sign(work, built)
+    for b in built:
+        console.print(f"  {b.bundle.name}: {b.bundle.stat().st_size / 1e6:.2f} MB, Ed25519 key {keyid[:16]}")
+
+    console.rule("[bold]3. Start the fleet and the agents")
+    fleet = FleetServer(work / "fleet", broker_url=broker, trusted_keys=(pub,)).start()
+    client = FleetClient(fleet.url)
+    devices = [f"demo-{i + 1}" for i in range(agents)]
+    procs = [AgentProcess(d, work / "agents" / d, fleet.broker_url, pub, work / "logs" / f"{d}.log") for d in devices]
+    rollouts: list[Rollout] = []
+    try:
+        console.print(f"  fleet API {fleet.url}, MQTT broker {fleet.broker_url}" + ("" if broker else " (embedded)"))
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.wait_ready()
+            client.register(p.device_id, [GROUP])
+            console.print(f"  agent {p.device_id}: local API {p.api_url} (127.0.0.1 only), log {p.log_path.relative_to(work)}")
+        client.wait_online(devices)
+        for b in built:
+            client.upload(b.bundle)
+
+        for step, b in enumerate(built, 4):
+            console.rule(f"[bold]{step}. Roll out v{b.version}: {b.note}")
+            t0 = time.monotonic()
+            with console.status(f"rolling {NAME} v{b.version} out to {len(devices)} devices..."):
+                dep = rollout(client, NAME, b.version, GROUP)
+            seconds = time.monotonic() - t0
+            targets = {t["device_id"]: t for t in dep["targets"]}
+            answers = {p.device_id: ask(p.api_url) for p in procs}
+            r = Rollout(b.version, targets, answers, seconds)
+            rollouts.append(r)
+            console.print(_rollout_table(r))
+
+        console.rule("[bold]7. What the fleet recorded")
+        ok = _summary(client, devices, rollouts, procs)
+    finally:
+        for p in procs:
+            p.stop()
+        client.close()
+        fleet.stop()
+    verdict = "[green]PASS[/]" if ok else "[red]FAIL[/]"
+    console.print(Panel.fit(f"{verdict}: v1 -> v2 -> v3 rejected and rolled back on all {len(devices)} agents; "
+                            f"{time.monotonic() - started:.0f}s in all. Work folder: {work}", border_style="green" if ok else "red"))
+    raise typer.Exit(0 if ok else 1)
+
+
+def _summary(client, devices: list[str], rollouts: list[Rollout], procs) -> bool:
+    t = Table(title="per device: status reports as stored by the fleet", title_justify="left")
+    for col in ("device", "v1", "v2", "v3", "serving now", "history (oldest first)"):
+        t.add_column(col)
+    ok = True
+    expected = {1: "active", 2: "active", 3: "rolled_back"}
+    for dev in devices:
+        detail = client.device(dev)
+        outcomes = [r.targets[dev]["state"] for r in rollouts]
+        serving = detail.get("active") or {}
+        history = [h["state"] for h in detail["history"]]
+        ok &= outcomes == [expected[r.version] for r in rollouts] and serving.get("version") == 2
+        ok &= all(r.answers[dev][0] == f"{NAME}:v{2 if r.version == 3 else r.version}" for r in rollouts)
+        t.add_row(dev, *outcomes, f"v{serving.get('version')}", _compact(history))
+    console.print(t)
+    return ok
+
+
+def _compact(states: list[str]) -> str:
+    short = {"received": "rcv", "downloading": "dl", "verifying": "ver", "installing": "inst", "health_check": "hc"}
+    return " ".join(short.get(s, s.upper()) for s in states)

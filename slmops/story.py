@@ -1,0 +1,235 @@
+"""The end-to-end story, shared by `slmops demo` and the integration tests.
+
+Parts, each started on free loopback ports and stopped by its owner:
+- `FleetServer`: the fleet's FastAPI app under uvicorn in this process, with its embedded broker (or an external
+  broker URL) and a SQLite database in a work folder;
+- `AgentProcess`: one `slmops agent run` child process per device, each with its own data folder and local API;
+- `FleetClient`: the fleet's HTTP API as an operator uses it (register, upload, deploy, wait, inspect).
+`rollout(...)` deploys a bundle to a group and waits for every device's terminal report; `ask(...)` puts a
+question to a device's local API. `damaged_copy(...)` makes the deliberately broken model of the story.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+TERMINAL = {"active", "rejected", "rolled_back", "failed"}
+QUESTION = "2026-11-24T08:15:02Z pump-17 temp=97.1C vibration=1.4g status=OVERHEAT"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def damaged_copy(src: Path, dest: Path, *, seed: int = 0) -> Path:
+    """Copy an exported model folder and overwrite its weights with random bytes of the same size.
+
+    The result still loads (every file and the graph are well formed) but answers nonsense: the kind of model a
+    broken quantization or a bad training run produces, which only a health check that asks it something catches.
+    """
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
+    weights = sorted(dest.glob("*.onnx.data")) or sorted(dest.glob("*.onnx"))
+    rng = random.Random(seed)
+    for path in weights:
+        size = path.stat().st_size
+        if path.suffix == ".onnx":  # weights inside the graph file: keep the header, scramble the tail
+            data = bytearray(path.read_bytes())
+            start = size // 4
+            data[start:] = rng.randbytes(size - start)
+            path.write_bytes(bytes(data))
+        else:
+            path.write_bytes(rng.randbytes(size))
+    return dest
+
+
+class FleetServer:
+    """The fleet service in this process: HTTP API, MQTT ingest, embedded broker (unless one is given)."""
+
+    def __init__(self, workdir: Path, *, broker_url: str | None = None, trusted_keys: tuple[Path, ...] = ()) -> None:
+        from fleet.settings import Settings
+
+        self.port = free_port()
+        self.settings = Settings(
+            data_dir=workdir,
+            port=self.port,
+            broker_url=broker_url,
+            embedded_broker_port=free_port(),
+            client_id=f"slmops-fleet-{os.getpid()}-{self.port}",
+            trusted_keys=list(trusted_keys),
+        )
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return self.settings.public_url
+
+    @property
+    def broker_url(self) -> str:
+        return self.settings.effective_broker_url
+
+    def start(self, timeout: float = 30.0) -> "FleetServer":
+        import uvicorn
+
+        from fleet.api.app import create_app
+
+        config = uvicorn.Config(create_app(self.settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="slmops-fleet", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"the fleet did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+@dataclass
+class AgentProcess:
+    """One device: `slmops agent run` in a child process."""
+
+    device_id: str
+    data_dir: Path
+    broker_url: str
+    trusted_key: Path
+    log_path: Path
+    api_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def start(self) -> "AgentProcess":
+        cmd = [
+            sys.executable, "-m", "slmops.cli", "agent", "run",
+            "--device-id", self.device_id,
+            "--data-dir", str(self.data_dir),
+            "--broker", self.broker_url,
+            "--trusted-key", str(self.trusted_key),
+            "--api-port", str(self.api_port),
+            "--telemetry-interval", "2",
+        ]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"agent {self.device_id} exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                httpx.get(f"{self.api_url}/health", timeout=2)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError(f"agent {self.device_id} did not open its local API in {timeout:g}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class FleetClient:
+    """The fleet's HTTP API, as an operator's script uses it."""
+
+    def __init__(self, url: str) -> None:
+        self.http = httpx.Client(base_url=url, timeout=60)
+
+    def _ok(self, r: httpx.Response) -> dict | list:
+        if r.status_code >= 400:
+            raise RuntimeError(f"{r.request.method} {r.request.url.path} -> {r.status_code}: {r.text}")
+        return r.json()
+
+    def register(self, device_id: str, groups: list[str]) -> dict:
+        return self._ok(self.http.post("/api/v1/devices", json={"id": device_id, "groups": groups}))
+
+    def upload(self, bundle: Path) -> dict:
+        with bundle.open("rb") as f:
+            return self._ok(self.http.post("/api/v1/bundles", content=f, headers={"content-type": "application/octet-stream"}))
+
+    def deploy(self, name: str, version: int, *, group: str | None = None, device_id: str | None = None) -> dict:
+        body = {"bundle": name, "version": version, "group": group, "device_id": device_id}
+        return self._ok(self.http.post("/api/v1/deployments", json={k: v for k, v in body.items() if v is not None}))
+
+    def deployment(self, deployment_id: str) -> dict:
+        return self._ok(self.http.get(f"/api/v1/deployments/{deployment_id}"))
+
+    def device(self, device_id: str) -> dict:
+        return self._ok(self.http.get(f"/api/v1/devices/{device_id}"))
+
+    def devices(self) -> list:
+        return self._ok(self.http.get("/api/v1/devices"))
+
+    def wait_online(self, device_ids: list[str], timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            online = {d["id"] for d in self.devices() if d.get("online")}
+            if set(device_ids) <= online:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"devices not online after {timeout:g}s: {sorted(set(device_ids) - online)}")
+
+    def wait(self, deployment_id: str, timeout: float = 300.0) -> dict:
+        """Poll a deployment until every target device reported a terminal state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            dep = self.deployment(deployment_id)
+            if all(t["state"] in TERMINAL for t in dep["targets"]):
+                return dep
+            if time.monotonic() > deadline:
+                pending = [t["device_id"] for t in dep["targets"] if t["state"] not in TERMINAL]
+                raise TimeoutError(f"deployment {deployment_id}: no final report from {pending} after {timeout:g}s")
+            time.sleep(0.25)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def rollout(client: FleetClient, name: str, version: int, group: str, timeout: float = 300.0) -> dict:
+    dep = client.deploy(name, version, group=group)
+    return client.wait(dep["id"], timeout=timeout)
+
+
+def ask(api_url: str, question: str = QUESTION, max_tokens: int = 32) -> tuple[str, str]:
+    """Ask a device's local OpenAI-compatible API; return (model id, answer)."""
+    r = httpx.post(
+        f"{api_url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0},
+        timeout=60,
+    )
+    r.raise_for_status()
+    body = r.json()
+    return body["model"], body["choices"][0]["message"]["content"]

@@ -1,0 +1,55 @@
+"""The agent stays light: neither importing it nor starting it loads torch or transformers."""
+
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+
+from fleet.broker import EmbeddedBroker
+from protocol.trust import generate_keypair
+from tests.net import free_port
+
+HEAVY = ("torch", "transformers", "peft", "olive", "sqlalchemy", "amqtt")
+
+
+def test_importing_every_agent_module_loads_nothing_heavy():
+    code = (
+        "import importlib, pkgutil, sys, agent\n"
+        "for m in pkgutil.walk_packages(agent.__path__, 'agent.'): importlib.import_module(m.name)\n"
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules) or 'none')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "none"
+
+
+def test_starting_the_agent_loads_nothing_heavy(tmp_path):
+    key = generate_keypair()
+    (tmp_path / "fleet.pub").write_bytes(key.public.to_pem())
+    port = free_port()
+    with EmbeddedBroker("127.0.0.1", free_port()) as broker:
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "slmops.cli", "agent", "run", "--device-id", "light-1",
+             "--data-dir", str(tmp_path / "d"), "--broker", broker.url, "--trusted-key", str(tmp_path / "fleet.pub"),
+             "--api-port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, "agent exited early"
+                try:
+                    health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except httpx.HTTPError:
+                    assert time.monotonic() < deadline, "agent did not start"
+                    time.sleep(0.2)
+            assert health.status_code == 503 and health.json()["status"] == "no_model"
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=30)
+    imported = set(re.findall(r"\|\s+([\w.]+)\s*$", err, re.M))
+    assert "onnxruntime_genai" in imported and "paho.mqtt.client" in imported  # the trace is real
+    assert not [m for m in imported if m.split(".")[0] in HEAVY]
+    assert proc.returncode in (0, -15)

@@ -1,0 +1,94 @@
+"""Settings and the database layer on a real SQLite file: derived defaults, UTC timestamps, desired state, and
+command seq numbers that two replicas sharing the database never repeat."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from fleet import crud
+from fleet.db import open_database
+from fleet.deployments import plan_deployment
+from fleet.models import Bundle
+from fleet.settings import Settings
+from protocol.errors import ConfigError
+from protocol.manifest import FileEntry, Manifest
+
+from .conftest import NOW
+
+
+def test_settings_derive_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SLMOPS_FLEET_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.setenv("SLMOPS_FLEET_PORT", "9001")
+    monkeypatch.setenv("SLMOPS_FLEET_TRUSTED_KEYS", '["a.pub", "b.pub"]')
+    s = Settings()
+    assert s.database_url == f"sqlite:///{(tmp_path / 'd' / 'fleet.db').as_posix()}"
+    assert s.public_url == "http://127.0.0.1:9001"
+    assert s.effective_broker_url == "mqtt://127.0.0.1:1883"
+    assert s.trusted_keys == [Path("a.pub"), Path("b.pub")]
+    assert s.bundle_url("tiny", 3) == "http://127.0.0.1:9001/api/v1/bundles/tiny/3/file"
+
+
+def test_bad_database_url_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not a database URL"):
+        open_database("definitely not a url")
+
+
+def test_registering_again_replaces_groups(tmp_path: Path) -> None:
+    db = open_database(f"sqlite:///{tmp_path / 'f.db'}")
+    try:
+        for groups in (["lab", "edge"], ["lab", "north"], []):
+            with db.sessions() as s, s.begin():
+                crud.register_device(s, device_id="dev", groups=groups, now=NOW)
+            with db.sessions() as s:
+                assert [d.group_names for d in crud.list_devices(s)] == [sorted(groups)]
+                assert [d.id for d in crud.list_devices(s, group="lab")] == (["dev"] if "lab" in groups else [])
+    finally:
+        db.close()
+
+
+def _bundle(s, version: int) -> Bundle:
+    manifest = Manifest(name="tiny", version=version, files=(FileEntry(path="m.onnx", size=1, sha256="a" * 64),), created=NOW)
+    return crud.add_bundle(s, manifest=manifest, sha256="b" * 64, size=10, storage_path="x", signer_keyids=[], now=NOW)
+
+
+def test_timestamps_come_back_as_utc_and_newest_deployment_is_desired(tmp_path: Path) -> None:
+    db = open_database(f"sqlite:///{tmp_path / 'f.db'}")
+    settings = Settings(data_dir=tmp_path)
+    try:
+        local = datetime(2026, 1, 1, 12, tzinfo=timezone(timedelta(hours=2)))
+        with db.sessions() as s, s.begin():
+            crud.register_device(s, device_id="dev", groups=["g"], now=local)
+            _bundle(s, 1)
+            _bundle(s, 2)
+            first, _ = plan_deployment(s, settings=settings, bundle_name="tiny", version=2, device_id="dev", now=NOW)
+            second, _ = plan_deployment(s, settings=settings, bundle_name="tiny", version=1, group="g", now=NOW)
+        with db.sessions() as s:
+            device = crud.get_device(s, device_id="dev")
+            assert device is not None and device.registered_at == datetime(2026, 1, 1, 10, tzinfo=timezone.utc)
+            desired = crud.desired_target(s, device_id="dev")
+            assert desired is not None and desired.deployment_id == second.id != first.id
+            assert desired.deployment.bundle_version == 1
+    finally:
+        db.close()
+
+
+def test_command_seq_grows_across_replicas_sharing_the_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    replica_a, replica_b = open_database(url), open_database(url)
+    settings = Settings(data_dir=tmp_path)
+    try:
+        with replica_a.sessions() as s, s.begin():
+            crud.register_device(s, device_id="dev", groups=[], now=NOW)
+            _bundle(s, 1)
+        seqs = []
+        for db in (replica_a, replica_b, replica_a, replica_b):
+            with db.sessions() as s, s.begin():
+                _, commands = plan_deployment(s, settings=settings, bundle_name="tiny", version=1, device_id="dev", now=NOW)
+            seqs.append(commands[0].seq)
+        assert seqs == sorted(seqs) and len(set(seqs)) == 4
+    finally:
+        replica_a.close()
+        replica_b.close()

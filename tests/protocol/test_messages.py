@@ -1,0 +1,70 @@
+"""Messages and topics: typed at the edge, malformed input refused with a reason."""
+
+from datetime import datetime, timezone
+
+import pytest
+
+from protocol import topics
+from protocol.errors import MessageError, TopicError
+from protocol.messages import BundleRef, DeployCommand, Presence, StatusReport, Telemetry, UpdateState, encode, parse_message
+
+NOW = datetime(2026, 11, 1, tzinfo=timezone.utc)
+REF = BundleRef(name="triage", version=2, url="http://127.0.0.1:1/b", sha256="a" * 64, size=10)
+
+
+def test_each_message_roundtrips():
+    msgs = [
+        DeployCommand(deployment_id="d1", device_id="dev-1", bundle=REF, seq=5, sent_at=NOW),
+        StatusReport(device_id="dev-1", deployment_id="d1", bundle_name="triage", bundle_version=2,
+                     state=UpdateState.REJECTED, error_code="bad_signature", detail="why", sent_at=NOW),
+        Telemetry(device_id="dev-1", uptime_s=1, requests_total=2, tokens_generated_total=3, tokens_per_s=4.5,
+                  cpu_percent=1, memory_rss_mb=100, memory_percent=1, sent_at=NOW),
+        Presence(device_id="dev-1", online=False, sent_at=NOW),
+    ]
+    for m in msgs:
+        back = parse_message(encode(m))
+        assert back == m and type(back) is type(m)
+
+
+def test_telemetry_has_no_text_fields():
+    text_fields = [n for n, f in Telemetry.model_fields.items() if f.annotation is str and n not in ("device_id", "message_id")]
+    assert text_fields == []
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b"not json", "not JSON"),
+        (b"[1]", "JSON object"),
+        (b'{"kind": "nope", "sent_at": "2026-01-01T00:00:00Z"}', "does not match"),
+        (b'{"kind": "presence", "device_id": "d", "sent_at": "2026-01-01T00:00:00Z"}', "online"),
+        (b'{"kind": "presence", "schema_version": 9, "device_id": "d", "online": true, "sent_at": "2026-01-01T00:00:00Z"}', "schema_version 9"),
+        (b'{"kind": "presence", "device_id": "d", "online": true, "sent_at": "2026-01-01T00:00:00Z", "x": 1}', "x"),
+        (b"x" * 70000, "byte limit"),
+    ],
+)
+def test_malformed_messages_say_what_is_wrong(payload, reason):
+    with pytest.raises(MessageError, match=reason):
+        parse_message(payload)
+
+
+def test_topics_build_parse_and_match():
+    t = topics.status("dev-1")
+    assert str(t) == "slmops/v1/devices/dev-1/status"
+    assert topics.Topic.parse(str(t)) == t
+    assert t.matches(topics.Topic.wildcard(topics.Channel.STATUS))
+    assert not t.matches(topics.Topic.wildcard(topics.Channel.TELEMETRY))
+    assert topics.topic_matches("slmops/#", str(t))
+    assert topics.shared("fleet", "a/+/b") == "$share/fleet/a/+/b"
+    for bad in ("slmops/v2/devices/x/status", "slmops/v1/devices/x/nope", "slmops/v1/devices/a+b/cmd"):
+        with pytest.raises(TopicError):
+            topics.Topic.parse(bad)
+
+
+def test_broker_urls():
+    b = topics.BrokerAddress.parse("mqtt5://127.0.0.1:1999")
+    assert (b.host, b.port, b.protocol, b.tls) == ("127.0.0.1", 1999, 5, False)
+    assert str(topics.BrokerAddress.parse("mqtt://h")) == "mqtt://h:1883"
+    for bad in ("http://h", "mqtt://:1", "mqtt://h:x"):
+        with pytest.raises(TopicError):
+            topics.BrokerAddress.parse(bad)
