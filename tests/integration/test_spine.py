@@ -1,0 +1,85 @@
+"""The spine end to end with real parts: the fleet (HTTP + SQLite + MQTT ingest), a real broker (the embedded
+amqtt one, and mosquitto over MQTT 5 when installed), three `slmops agent run` processes, real signed int4 bundles
+of the tiny model and real onnxruntime-genai inference. v1 and v2 must become active everywhere; v3, whose
+weights are damaged, must be rolled back everywhere while v2 keeps answering."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from fleet.bundles import build_bundle
+from protocol.trust import generate_keypair
+from slmops.story import AgentProcess, FleetClient, FleetServer, ask, damaged_copy, rollout
+from tests.net import MOSQUITTO, mosquitto
+
+pytestmark = pytest.mark.integration
+DEVICES = ["spine-1", "spine-2", "spine-3"]
+STEPS = ["received", "downloading", "verifying", "installing", "health_check"]
+
+
+def check_story(tmp: Path, model: Path, broker_url: str | None) -> None:
+    key = generate_keypair()
+    pub = tmp / "fleet.pub"
+    pub.write_bytes(key.public.to_pem())
+    now = datetime.now(timezone.utc)
+    folders = {1: model, 2: model, 3: damaged_copy(model, tmp / "broken")}
+    bundles = {}
+    for v, folder in folders.items():
+        bundles[v] = tmp / f"triage-{v}.bundle"
+        build_bundle(folder, bundles[v], name="triage", version=v, signers=[key], now=now)
+
+    fleet = FleetServer(tmp / "fleet", broker_url=broker_url, trusted_keys=(pub,)).start()
+    client = FleetClient(fleet.url)
+    agents = [AgentProcess(d, tmp / d, fleet.broker_url, pub, tmp / f"{d}.log") for d in DEVICES]
+    try:
+        for a in agents:
+            a.start()
+        for a in agents:
+            a.wait_ready()
+            client.register(a.device_id, ["demo"])
+        client.wait_online(DEVICES)
+        for b in bundles.values():
+            assert client.upload(b)["signer_keyids"] == [key.keyid]
+
+        outcomes: dict[int, dict[str, str]] = {}
+        for v in (1, 2, 3):
+            dep = rollout(client, "triage", v, "demo", timeout=180)
+            outcomes[v] = {t["device_id"]: t["state"] for t in dep["targets"]}
+            for a in agents:
+                model_id, answer = ask(a.api_url)
+                assert model_id == f"triage:v{min(v, 2)}"
+                assert answer.split(":")[0] in ("ok", "warning", "fault")
+            if v == 3:
+                assert all("smoke prompt" in t["detail"] for t in dep["targets"])
+
+        assert outcomes == {
+            1: dict.fromkeys(DEVICES, "active"),
+            2: dict.fromkeys(DEVICES, "active"),
+            3: dict.fromkeys(DEVICES, "rolled_back"),
+        }
+        for d in DEVICES:
+            dev = client.device(d)
+            assert dev["online"] is True
+            assert dev["active"] == {"name": "triage", "version": 2}
+            history = [h["state"] for h in dev["history"]]
+            assert history == STEPS + ["active"] + STEPS + ["active"] + STEPS + ["rolled_back"]
+            last = dev["history"][-1]
+            assert last["error_code"] == "health_check" and last["active_version"] == 2
+    finally:
+        for a in agents:
+            a.stop()
+        client.close()
+        fleet.stop()
+
+
+def test_spine_with_the_embedded_broker(tmp_path, tiny_int4):
+    check_story(tmp_path, Path(tiny_int4), broker_url=None)
+
+
+@pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (apt-get install mosquitto)")
+def test_spine_with_mosquitto_over_mqtt5(tmp_path, tiny_int4):
+    with mosquitto(tmp_path) as port:
+        check_story(tmp_path, Path(tiny_int4), broker_url=f"mqtt5://127.0.0.1:{port}")
