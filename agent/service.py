@@ -17,6 +17,7 @@ import queue
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -129,7 +130,7 @@ class Agent:
         for _ in range(200):
             if self._server.started:
                 return
-            threading.Event().wait(0.05)
+            time.sleep(0.05)
         raise SlmopsError(f"local API did not start on {self.config.api_host}:{self.api_port}")
 
     def _work(self) -> None:
