@@ -9,6 +9,7 @@ Models are cached in the work folder, so a second run skips training. Exit code 
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -66,9 +67,7 @@ def _build_models(work: Path, steps_v1: int, steps_v2: int, fresh: bool) -> list
             console.print(f"  v{version}: reusing {onnx}")
         built.append(Built(version, onnx, f"{steps} training steps"))
     broken = damaged_copy(built[1].folder, models / "v3-int4-damaged")
-    built.append(Built(3, broken, "v2 with damaged weights (health check must fail)"))
-    import json
-
+    built.append(Built(3, broken, "v2 with weights damaged after its evaluation"))
     for b in built:
         b.metrics = json.loads((b.folder / "eval.json").read_text()).get("metrics", {})
     return built
@@ -92,15 +91,26 @@ def _sign(work: Path, built: list[Built]) -> tuple[Path, str]:
     return keys / "fleet.pub", key.keyid
 
 
-def _rollout_table(r: Rollout) -> Table:
-    t = Table(title=f"rollout of {NAME} v{r.version} to group '{GROUP}' ({r.seconds:.1f}s)", title_justify="left")
-    for col in ("device", "result", "serving", "reason", "local API answer"):
+STYLE = {"active": ("green", "✓ active"), "rolled_back": ("yellow", "↩ rolled back"), "rejected": ("red", "✗ rejected")}
+
+
+def _outcome(state: str) -> str:
+    color, text = STYLE.get(state, ("red", f"✗ {state}"))
+    return f"[{color}]{text}[/]"
+
+
+def _print_rollout(r: Rollout) -> None:
+    t = Table(title=f"{NAME} v{r.version} to group '{GROUP}': every device reported in {r.seconds:.1f}s", title_justify="left")
+    for col in ("device", "result", "serving now", "answer from its local API"):
         t.add_column(col)
     for dev, tgt in sorted(r.targets.items()):
         model, answer = r.answers.get(dev, ("-", "-"))
-        color = {"active": "green", "rolled_back": "yellow"}.get(tgt["state"], "red")
-        t.add_row(dev, f"[{color}]{tgt['state']}[/]", model, (tgt.get("detail") or "")[:70], answer)
-    return t
+        t.add_row(dev, _outcome(tgt["state"]), model, answer)
+    console.print(t)
+    reasons = sorted({tgt["detail"] for tgt in r.targets.values() if tgt.get("detail")})
+    for reason in reasons:
+        who = sorted(d for d, tgt in r.targets.items() if tgt.get("detail") == reason)
+        console.print(f"  reason reported by {', '.join(who)}: [italic]{reason}[/]")
 
 
 @app.callback(invoke_without_command=True)
@@ -113,7 +123,7 @@ def demo(
     fresh: bool = typer.Option(False, help="Retrain the models even if the work folder has them."),
 ) -> None:
     """Run the whole story on this machine and print a report."""
-    from slmops.story import AgentProcess, FleetClient, FleetServer, ask, rollout
+    from slmops.story import QUESTION, AgentProcess, FleetClient, FleetServer, ask, rollout
 
     started = time.monotonic()
     work = workdir.resolve()
@@ -124,7 +134,8 @@ def demo(
 
     console.rule("[bold]1. Build, export to int4, evaluate")
     built = _build_models(work, steps_v1, steps_v2, fresh)
-    t = Table(title="models (eval on the held-out test split of the triage task)", title_justify="left")
+    t = Table(title="models, scored on the held-out test split of the triage task (v3 carries v2's scores)",
+              title_justify="left")
     for col in ("version", "what", "label accuracy", "format ok", "exact match", "tokens/s"):
         t.add_column(col)
     for b in built:
@@ -158,6 +169,8 @@ def demo(
 
         for step, b in enumerate(built, 4):
             console.rule(f"[bold]{step}. Roll out v{b.version}: {b.note}")
+            if b.version == 1:
+                console.print(f"  after each rollout every device is asked: [italic]{QUESTION}[/]")
             t0 = time.monotonic()
             with console.status(f"rolling {NAME} v{b.version} out to {len(devices)} devices..."):
                 dep = rollout(client, NAME, b.version, GROUP)
@@ -166,10 +179,10 @@ def demo(
             answers = {p.device_id: ask(p.api_url) for p in procs}
             r = Rollout(b.version, targets, answers, seconds)
             rollouts.append(r)
-            console.print(_rollout_table(r))
+            _print_rollout(r)
 
         console.rule("[bold]7. What the fleet recorded")
-        ok = _summary(client, devices, rollouts, procs)
+        ok = _summary(client, devices, rollouts)
     finally:
         for p in procs:
             p.stop()
@@ -181,24 +194,37 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
-def _summary(client, devices: list[str], rollouts: list[Rollout], procs) -> bool:
-    t = Table(title="per device: status reports as stored by the fleet", title_justify="left")
-    for col in ("device", "v1", "v2", "v3", "serving now", "history (oldest first)"):
+def _summary(client, devices: list[str], rollouts: list[Rollout]) -> bool:
+    """Check the fleet's record of every device; print one row each and the status reports it stored."""
+    t = Table(title="what the fleet recorded, per device", title_justify="left")
+    for col in ("device", *(f"v{r.version}" for r in rollouts), "serving now", "online"):
         t.add_column(col)
-    ok = True
     expected = {1: "active", 2: "active", 3: "rolled_back"}
+    ok, chains = True, {}
     for dev in devices:
         detail = client.device(dev)
         outcomes = [r.targets[dev]["state"] for r in rollouts]
-        serving = detail.get("active") or {}
-        history = [h["state"] for h in detail["history"]]
-        ok &= outcomes == [expected[r.version] for r in rollouts] and serving.get("version") == 2
+        serving = (detail.get("active") or {}).get("version")
+        ok &= outcomes == [expected[r.version] for r in rollouts] and serving == 2
         ok &= all(r.answers[dev][0] == f"{NAME}:v{2 if r.version == 3 else r.version}" for r in rollouts)
-        t.add_row(dev, *outcomes, f"v{serving.get('version')}", _compact(history))
+        t.add_row(dev, *map(_outcome, outcomes), f"v{serving}", "yes" if detail["online"] else "no")
+        chains.setdefault(_chain(h["state"] for h in detail["history"]), []).append(dev)
     console.print(t)
+    for chain, who in chains.items():
+        console.print(f"  status reports from {', '.join(who)}, oldest first:")
+        for line in chain.split("\n"):
+            console.print(f"    {line}")
     return ok
 
 
-def _compact(states: list[str]) -> str:
-    short = {"received": "rcv", "downloading": "dl", "verifying": "ver", "installing": "inst", "health_check": "hc"}
-    return " ".join(short.get(s, s.upper()) for s in states)
+def _chain(states) -> str:
+    """One line per update: received → downloading → … → ACTIVE."""
+    lines, cur = [], []
+    for s in states:
+        cur.append(s.upper() if s in ("active", "rejected", "rolled_back", "failed") else s)
+        if cur[-1].isupper():
+            lines.append(" → ".join(cur))
+            cur = []
+    if cur:
+        lines.append(" → ".join(cur))
+    return "\n".join(lines)
