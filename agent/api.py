@@ -15,9 +15,11 @@ from collections.abc import Iterator
 from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from protocol.manifest import first_error
 
 from .runtime import Completion, LoadedModel, Runtime
 
@@ -47,6 +49,7 @@ class ChatRequest(BaseModel):
 
 
 DEFAULT_MAX_TOKENS = 256
+_JSON_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": ChatRequest.model_json_schema()}}}}
 
 
 def error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
@@ -59,12 +62,6 @@ def model_id(m: LoadedModel) -> str:
 
 def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(title="slmops local inference", version="1", docs_url="/docs", redoc_url=None)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error(400, f"invalid request: {loc or 'body'}: {first.get('msg', 'malformed')}", "invalid_request_error")
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -83,8 +80,16 @@ def create_app(runtime: Runtime) -> FastAPI:
         data = [{"id": model_id(m), "object": "model", "created": 0, "owned_by": "slmops"}] if m else []
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions", response_model=None)
-    def chat(req: ChatRequest) -> JSONResponse | StreamingResponse:
+    @app.post("/v1/chat/completions", response_model=None, openapi_extra=_JSON_BODY)
+    async def chat(request: Request) -> JSONResponse | StreamingResponse:
+        # The body is JSON whatever Content-Type says (`curl -d` sends form encoding), as OpenAI-style servers do.
+        try:
+            req = ChatRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return error(400, f"invalid request: {first_error(exc)}", "invalid_request_error")
+        return await run_in_threadpool(_complete, req)
+
+    def _complete(req: ChatRequest) -> JSONResponse | StreamingResponse:
         m = runtime.current
         if m is None:
             return error(503, "no model is active on this device yet; deploy a bundle from the fleet", "server_error", "no_model")

@@ -120,3 +120,11 @@ def test_sampler_publishes_periodically(runtime):
         time.sleep(0.02)
     s.stop()
     assert len(got) >= 3 and [t.seq for t in got[:3]] == [1, 2, 3]
+
+
+def test_body_is_read_as_json_whatever_the_content_type(client):
+    body = json.dumps({"messages": [{"role": "user", "content": LINE}], "max_tokens": 4})
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+    r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "invalid request" in r.json()["error"]["message"]
