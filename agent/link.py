@@ -1,6 +1,6 @@
 """The agent's MQTT link: a persistent session, presence with a last will, commands in, reports out.
 
-Workflow: `Link.start()` connects with a stable client id and a persistent session (MQTT 3.1.1 clean_session=False,
+Workflow: `Link.start()` connects in the background (the local API never waits for the fleet) with a stable client id and a persistent session (MQTT 3.1.1 clean_session=False,
 or MQTT 5 clean_start=False with a session expiry), so QoS 1 commands sent while the device was away arrive when
 it returns. The broker holds an "offline" presence as the last will; on connect the agent publishes a retained
 "online" presence and subscribes to its command topic. Payloads become typed messages at this edge; malformed or
@@ -20,7 +20,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
 from protocol import topics
-from protocol.errors import MessageError, TransportError
+from protocol.errors import MessageError
 from protocol.messages import ActiveModel, DeployCommand, Presence, _Message, encode, parse_message
 from protocol.topics import BrokerAddress
 
@@ -47,7 +47,8 @@ class Link:
     ) -> None:
         self.device_id, self.addr = device_id, BrokerAddress.parse(broker_url)
         self.seq, self.on_deploy, self.active, self.agent_version = seq, on_deploy, active, agent_version
-        self.connected = threading.Event()
+        self.connected = threading.Event()  # set once the broker acknowledged the command subscription
+        self._sub_mid: int | None = None
         v5 = self.addr.protocol == 5
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -61,25 +62,23 @@ class Link:
         self.client.max_queued_messages_set(1000)
         self.client.will_set(str(topics.presence(device_id)), self._presence(False), qos=1, retain=True)
         self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
 
     # -- lifecycle ------------------------------------------------------------------------------------------
-    def start(self, timeout_s: float = 30.0) -> None:
-        props = None
+    def start(self) -> None:
+        """Begin connecting in the background; the agent serves locally whether or not the broker is reachable."""
         kwargs = {}
         if self.addr.protocol == 5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = SESSION_EXPIRY_S
             kwargs = {"clean_start": False, "properties": props}
-        try:
-            self.client.connect(self.addr.host, self.addr.port, keepalive=30, **kwargs)
-        except OSError as exc:
-            raise TransportError(f"cannot reach the MQTT broker at {self.addr}: {exc}") from exc
-        self.client.loop_start()
-        if not self.connected.wait(timeout_s):
-            self.client.loop_stop()
-            raise TransportError(f"the MQTT broker at {self.addr} did not accept the connection within {timeout_s:g}s")
+        self.client.connect_async(self.addr.host, self.addr.port, keepalive=30, **kwargs)
+        self.client.loop_start()  # paho retries the first connection and every later one by itself
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self.connected.wait(timeout_s)
 
     def stop(self) -> None:
         """Say offline (retained) and disconnect cleanly."""
@@ -115,17 +114,22 @@ class Link:
     # -- paho callbacks (network thread) --------------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
+            log.error("the broker at %s refused the connection: %s; retrying", self.addr, reason_code)
             return
-        client.subscribe(str(topics.cmd(self.device_id)), qos=1)
+        _, self._sub_mid = client.subscribe(str(topics.cmd(self.device_id)), qos=1)
         self.announce()
-        self.connected.set()
         log.info("connected to %s as %s", self.addr, self.device_id)
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        if mid == self._sub_mid:
+            self.connected.set()  # commands can reach us from here on
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        was = self.connected.is_set()
         self.connected.clear()
         if reason_code != 0:
-            log.warning("lost the broker (%s); reconnecting", reason_code)
+            log.warning("%s the broker at %s (%s); local inference goes on, retrying",
+                        "lost" if was else "cannot reach", self.addr, reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -53,3 +53,20 @@ def test_starting_the_agent_loads_nothing_heavy(tmp_path):
     assert "onnxruntime_genai" in imported and "paho.mqtt.client" in imported  # the trace is real
     assert not [m for m in imported if m.split(".")[0] in HEAVY]
     assert proc.returncode in (0, -15)
+
+
+def test_local_api_serves_while_the_broker_is_unreachable(tmp_path):
+    """Private inference must not depend on the fleet: with no broker the agent still starts and keeps trying."""
+    from agent.config import AgentConfig
+    from agent.service import Agent
+
+    key = generate_keypair()
+    (tmp_path / "fleet.pub").write_bytes(key.public.to_pem())
+    agent = Agent(AgentConfig(device_id="lonely-1", data_dir=tmp_path / "d", broker_url=f"mqtt://127.0.0.1:{free_port()}",
+                              trusted_keys=(tmp_path / "fleet.pub",), api_port=0, telemetry_interval_s=3600))
+    agent.start()
+    try:
+        assert not agent.link.wait_connected(1.0)
+        assert httpx.get(f"{agent.api_url}/health", timeout=5).json()["status"] == "no_model"
+    finally:
+        agent.stop()

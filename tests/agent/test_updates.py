@@ -66,6 +66,7 @@ class Rig:
         )
         self.agent = Agent(cfg, on_report=self.reports.put)
         self.agent.start()
+        assert self.agent.link.wait_connected(10), "agent did not subscribe to its command topic"
         return self.agent
 
     def bundle(self, version: int, *, model: Path | None = None, signer=None, name: str | None = None) -> Path:
