@@ -10,13 +10,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from slmops.story import free_port  # noqa: F401  (re-exported for the tests)
+
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
