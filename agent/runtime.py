@@ -142,7 +142,6 @@ class Runtime:
         self.started = time.monotonic()
         self.requests_total = 0
         self.tokens_total = 0
-        self.generation_seconds = 0.0
         self._recent_tps = 0.0
 
     @property
@@ -165,7 +164,6 @@ class Runtime:
                 yield from model.generate(messages, out=out, **kw)
             finally:
                 self.tokens_total += out.completion_tokens
-                self.generation_seconds += out.seconds
                 if out.seconds > 0 and out.completion_tokens:
                     self._recent_tps = out.completion_tokens / out.seconds
 

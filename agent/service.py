@@ -125,7 +125,7 @@ class Agent:
         self.api_port = sock.getsockname()[1]
         config = uvicorn.Config(create_app(self.runtime), log_level="warning", access_log=False)
         self._server = uvicorn.Server(config)
-        self._spawn(lambda: self._server.run(sockets=[sock]), "slmops-api")
+        self._spawn(lambda: self._server.run(sockets=[sock]), "slmops-api", join=False)  # stopped by should_exit
         # wait until it accepts connections, so callers can use api_url right away
         for _ in range(200):
             if self._server.started:
@@ -143,10 +143,10 @@ class Agent:
                 log.exception("update %s crashed", cmd.deployment_id)
             self.link.announce()
 
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
+    def _spawn(self, target: Callable[[], None], name: str, *, join: bool = True) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
-        if name != "slmops-api":
+        if join:
             self._threads.append(t)
 
     def _active(self) -> ActiveModel | None:

@@ -96,6 +96,14 @@ class Store:
     def _pointer(self) -> dict[str, Any]:
         return read_json(self.active_file) or {"active": None, "previous": None, "floor": {}}
 
+    def snapshot(self) -> dict[str, Any]:
+        """The whole pointer (active, previous, floor), for `restore` after a failed update."""
+        return self._pointer()
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Write back a pointer taken with `snapshot`, in one atomic write."""
+        write_json_atomic(self.active_file, snapshot)
+
     def active(self) -> ModelRef | None:
         return ModelRef.from_dict(self._pointer().get("active"))
 

@@ -198,8 +198,7 @@ class Updater:
                         detail="already active")
             self._remember(cmd.deployment_id)
             return U.ACTIVE
-        pointer = read_json(self.store.active_file) or {"active": None, "previous": None, "floor": {}}
-        rec = Record(cmd.deployment_id, cmd.bundle.model_dump(mode="json"), S.DOWNLOAD, pointer)
+        rec = Record(cmd.deployment_id, cmd.bundle.model_dump(mode="json"), S.DOWNLOAD, self.store.snapshot())
         return self._run(rec)
 
     # -- the machine ----------------------------------------------------------------------------------------
@@ -302,7 +301,7 @@ class Updater:
 
     def _rollback(self, rec: Record) -> None:
         self._candidate = None
-        write_json_atomic(self.store.active_file, rec.pointer_before)
+        self.store.restore(rec.pointer_before)
         want = self.store.active()
         current = self.runtime.current
         if want is None:
