@@ -45,6 +45,13 @@ def ensure_device(s: Session, *, device_id: str, now: datetime) -> Device:
     return device
 
 
+def heard_from(s: Session, *, device_id: str, now: datetime) -> Device:
+    """A message from the device arrived: make sure it is registered and note when it was last seen."""
+    device = ensure_device(s, device_id=device_id, now=now)
+    device.last_seen = now
+    return device
+
+
 def register_device(s: Session, *, device_id: str, groups: Sequence[str], now: datetime) -> tuple[Device, bool]:
     """Create or update a device and replace its groups; returns (device, created)."""
     created = s.get(Device, device_id) is None
@@ -72,9 +79,8 @@ def count_devices(s: Session) -> tuple[int, int]:
 
 
 def record_presence(s: Session, *, msg: Presence, now: datetime) -> Device:
-    device = ensure_device(s, device_id=msg.device_id, now=now)
+    device = heard_from(s, device_id=msg.device_id, now=now)
     device.online = msg.online
-    device.last_seen = now
     if msg.agent_version:
         device.agent_version = msg.agent_version
     if msg.online:  # an online device says what it serves now (None: nothing installed yet)
@@ -84,8 +90,7 @@ def record_presence(s: Session, *, msg: Presence, now: datetime) -> Device:
 
 
 def record_telemetry(s: Session, *, msg: Telemetry, now: datetime) -> TelemetrySample:
-    device = ensure_device(s, device_id=msg.device_id, now=now)
-    device.last_seen = now
+    heard_from(s, device_id=msg.device_id, now=now)
     sample = TelemetrySample(
         device_id=msg.device_id,
         received_at=now,
@@ -109,8 +114,7 @@ def record_status(s: Session, *, msg: StatusReport, now: datetime) -> StatusRepo
     """
     if s.scalar(select(StatusReportRow.id).where(StatusReportRow.message_id == msg.message_id)) is not None:
         return None
-    device = ensure_device(s, device_id=msg.device_id, now=now)
-    device.last_seen = now
+    device = heard_from(s, device_id=msg.device_id, now=now)
     row = StatusReportRow(
         device_id=msg.device_id,
         deployment_id=msg.deployment_id,
