@@ -24,6 +24,14 @@ def run(
     api_host: str = typer.Option("127.0.0.1", help="Local API address; keep it on loopback so prompts stay on the device."),
     api_port: int = typer.Option(8800, help="Local API port (0: any free port)."),
     telemetry_interval: float = typer.Option(30.0, help="Seconds between telemetry samples."),
+    api_key: str | None = typer.Option(None, envvar="SLMOPS_AGENT_API_KEY", help="Bearer key the local API asks for (needed to listen beyond loopback)."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="Extra Host header value the API accepts (DNS-rebinding guard); repeat."),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", help="Browser origin allowed to call the API (CORS is off without one); repeat."),
+    queue_size: int = typer.Option(16, help="Requests that may wait for the model; one more gets 429."),
+    workers: int = typer.Option(1, help="Generation workers sharing the model."),
+    threads: int = typer.Option(0, help="onnxruntime threads per generation (0: one per core)."),
+    spin: bool = typer.Option(False, "--spin/--no-spin", help="Let onnxruntime threads spin between ops (faster on idle cores, burns CPU)."),
+    request_timeout: float = typer.Option(300.0, help="Seconds a request may queue and generate before it ends."),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Connect to the broker, serve the active model locally, and apply deploy commands as they come."""
@@ -31,7 +39,7 @@ def run(
 
     from protocol.errors import SlmopsError
 
-    from .config import AgentConfig
+    from .config import AgentConfig, Serving
     from .service import Agent
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -45,6 +53,16 @@ def run(
             api_host=api_host,
             api_port=api_port,
             telemetry_interval_s=telemetry_interval,
+            serving=Serving(
+                queue_size=queue_size,
+                workers=workers,
+                intra_op_threads=threads,
+                spinning=spin,
+                request_timeout_s=request_timeout,
+                api_key=api_key or None,
+                allowed_hosts=tuple(allowed_host),
+                cors_origins=tuple(cors_origin),
+            ),
         )
         Agent(config).run_forever()
     except SlmopsError as exc:

@@ -25,6 +25,36 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Serving:
+    """How the local API admits requests and how the model runs them (see agent/scheduler.py)."""
+
+    queue_size: int = 16  # requests: waiting for a generation worker; one more gets 429 with Retry-After
+    workers: int = 1  # generation workers sharing the model; small devices have few cores
+    intra_op_threads: int = 0  # onnxruntime threads per generation; 0: one per core the process may use
+    spinning: bool = False  # onnxruntime threads spin between ops: a little faster on idle cores, burns CPU
+    request_timeout_s: float = 300.0  # seconds: a request still generating (or queued) after this ends
+    default_max_tokens: int = 512  # tokens: the answer's budget when a request names none (capped by context)
+    max_body_bytes: int = 1 << 20  # bytes: a larger request body gets 413
+    api_key: str | None = field(default=None, repr=False)  # Authorization: Bearer <key> on every /v1 route
+    allowed_hosts: tuple[str, ...] = ()  # Host header values accepted besides loopback names and the bind host
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; empty: CORS off
+
+    def __post_init__(self) -> None:
+        for name in ("queue_size", "workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.intra_op_threads < 0:
+            raise ConfigError(f"intra_op_threads must be 0 (one per core) or more, not {self.intra_op_threads}")
+        if self.request_timeout_s <= 0 or self.default_max_tokens < 1 or self.max_body_bytes < 1024:
+            raise ConfigError("request_timeout_s, default_max_tokens and max_body_bytes (>= 1024) must be positive")
+        if self.api_key is not None and len(self.api_key) < 16:
+            raise ConfigError("an API key must be at least 16 characters long")
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     data_dir: Path
@@ -34,12 +64,17 @@ class AgentConfig:
     api_host: str = "127.0.0.1"
     api_port: int = 8800  # 0: pick a free port
     telemetry_interval_s: float = 30.0  # seconds between telemetry samples
-    max_context_tokens: int = 1024  # tokens: prompt + answer, per request
     limits: Limits = field(default_factory=Limits)
+    serving: Serving = field(default_factory=Serving)
 
     def __post_init__(self) -> None:
         check_device_id(self.device_id)
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.api_host not in LOOPBACK_HOSTS and not self.serving.api_key:
+            raise ConfigError(
+                f"the local API would listen on {self.api_host}, beyond this device: set an API key "
+                "(--api-key or SLMOPS_AGENT_API_KEY) so that only your applications can use the model"
+            )
 
     def keyring(self) -> Keyring:
         if not self.trusted_keys:
