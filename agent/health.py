@@ -1,6 +1,7 @@
 """The health check a freshly installed model must pass before it serves.
 
-Workflow: load the model folder with onnxruntime-genai, answer each of the manifest's smoke prompts greedily
+Workflow: load the model folder with onnxruntime-genai (through the scheduler's loader, so it runs with the
+serving thread settings), answer each of the manifest's smoke prompts greedily
 within the time limit, check each answer against its `expect` regex and the latency budget, and check the
 process memory against the memory budget. Returns the loaded model (so the switch reuses it) or raises
 `HealthCheckError` with the reason a field engineer needs.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -21,10 +23,13 @@ from .runtime import Completion, LoadedModel
 from .store import ModelRef
 
 
-def check(folder: Path, manifest: Manifest, *, timeout_s: float | None = None) -> LoadedModel:
+Loader = Callable[[Path, ModelRef], LoadedModel]
+
+
+def check(folder: Path, manifest: Manifest, *, timeout_s: float | None = None, load: Loader = LoadedModel.load) -> LoadedModel:
     limit = timeout_s if timeout_s is not None else manifest.health.timeout_s
     deadline = time.monotonic() + limit
-    loaded = LoadedModel.load(folder, ModelRef(manifest.name, manifest.version))
+    loaded = load(folder, ModelRef(manifest.name, manifest.version))
     for i, smoke in enumerate(manifest.health.prompts, 1):
         out = Completion()
         started = time.monotonic()

@@ -1,8 +1,9 @@
-"""The running agent: wires the store, runtime, updater, MQTT link, local API and telemetry together.
+"""The running agent: wires the store, scheduler, updater, MQTT link, local API and telemetry together.
 
 Workflow of `Agent.start()`:
-1. load the active model from `versions/` (if any) so the local API serves at once;
-2. start the local OpenAI-compatible API on 127.0.0.1;
+1. load the active model from `versions/` (if any) into the scheduler and start its generation workers, so the
+   local API serves at once;
+2. start the local OpenAI-compatible API on 127.0.0.1 (the API never waits for the broker);
 3. connect to the broker (persistent session, last will);
 4. start the update worker: it first finishes an update a restart interrupted, then runs deploy commands one at a
    time as they arrive; after each it re-announces presence with the active model;
@@ -32,7 +33,8 @@ from . import __version__, telemetry
 from .api import create_app
 from .config import AgentConfig
 from .link import Link
-from .runtime import LoadedModel, Runtime
+from .metrics import Metrics
+from .scheduler import Scheduler
 from .store import SeqCounter, Store
 from .update import Updater
 
@@ -44,7 +46,8 @@ class Agent:
         self.config = config
         self.store = Store(config.data_dir)
         self.seq = SeqCounter(self.store.seq_file)
-        self.runtime = Runtime()
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(config.serving, self.metrics)
         self.on_report = on_report
         self.http = httpx.Client(follow_redirects=True)
         self.commands: queue.Queue[DeployCommand | None] = queue.Queue()
@@ -58,7 +61,7 @@ class Agent:
         )
         self.updater = Updater(
             store=self.store,
-            runtime=self.runtime,
+            runtime=self.scheduler,
             keyring=config.keyring(),
             limits=config.limits,
             client=self.http,
@@ -72,12 +75,14 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._load_active()
+        self.scheduler.start()
+        self.metrics.watch_updates(lambda: self.updater.state.value)
         self._start_api()
         self.link.start()
         self._spawn(self._work, "slmops-updates")
         self._sampler = telemetry.Sampler(
             self.config.telemetry_interval_s,
-            lambda: telemetry.sample(self.config.device_id, self.runtime, self.seq.next()),
+            lambda: telemetry.sample(self.config.device_id, self.scheduler, self.seq.next()),
             lambda t: self.link.publish(topics.telemetry(self.config.device_id), t, qos=0),
         )
         self._sampler.start()
@@ -91,6 +96,7 @@ class Agent:
         self.link.stop()
         if self._server:
             self._server.should_exit = True
+        self.scheduler.stop()
         self.http.close()
 
     def run_forever(self) -> None:
@@ -113,7 +119,7 @@ class Agent:
             log.info("no model installed yet; waiting for a deploy command")
             return
         try:
-            self.runtime.swap(LoadedModel.load(self.store.version_dir(ref), ref))
+            self.scheduler.swap(self.scheduler.load(self.store.version_dir(ref), ref))
             log.info("serving %s v%s", ref.name, ref.version)
         except SlmopsError as exc:
             log.error("cannot load the active model %s v%s: %s", ref.name, ref.version, exc)
@@ -123,7 +129,8 @@ class Agent:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.config.api_host, self.config.api_port))
         self.api_port = sock.getsockname()[1]
-        config = uvicorn.Config(create_app(self.runtime), log_level="warning", access_log=False)
+        app = create_app(self.scheduler, self.config.serving, bind_host=self.config.api_host)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._spawn(lambda: self._server.run(sockets=[sock]), "slmops-api", join=False)  # stopped by should_exit
         # wait until it accepts connections, so callers can use api_url right away
@@ -150,7 +157,7 @@ class Agent:
             self._threads.append(t)
 
     def _active(self) -> ActiveModel | None:
-        cur = self.runtime.current
+        cur = self.scheduler.current
         return ActiveModel(name=cur.ref.name, version=cur.ref.version) if cur else None
 
     def _report(

@@ -1,6 +1,6 @@
 """Telemetry sampling: counters and gauges about the device and its model, never prompt or answer text.
 
-Workflow: `sample(...)` reads the runtime's counters and the process's CPU and memory (psutil) into a
+Workflow: `sample(...)` reads the scheduler's Prometheus counters (the ones `/metrics` shows) and the process's CPU and memory (psutil) into a
 `protocol.messages.Telemetry`; `Sampler` calls it every `interval_s` on a daemon thread and hands each sample to
 `publish` (QoS 0: a lost sample is replaced by the next one).
 """
@@ -16,22 +16,22 @@ import psutil
 
 from protocol.messages import ActiveModel, Telemetry
 
-from .runtime import Runtime
+from .scheduler import Scheduler
 
 log = logging.getLogger("slmops.agent.telemetry")
 
 
-def sample(device_id: str, runtime: Runtime, seq: int, *, process: psutil.Process | None = None) -> Telemetry:
+def sample(device_id: str, scheduler: Scheduler, seq: int, *, process: psutil.Process | None = None) -> Telemetry:
     proc = process or psutil.Process()
     mem = proc.memory_info()
-    current = runtime.current
+    current, metrics = scheduler.current, scheduler.metrics
     return Telemetry(
         device_id=device_id,
         active=ActiveModel(name=current.ref.name, version=current.ref.version) if current else None,
-        uptime_s=round(runtime.uptime_s, 3),
-        requests_total=runtime.requests_total,
-        tokens_generated_total=runtime.tokens_total,
-        tokens_per_s=round(runtime.tokens_per_s, 3),
+        uptime_s=round(scheduler.uptime_s, 3),
+        requests_total=metrics.generation_requests(),
+        tokens_generated_total=metrics.tokens_generated(),
+        tokens_per_s=round(metrics.decode_rate(), 3),
         cpu_percent=proc.cpu_percent(interval=None),
         memory_rss_mb=round(mem.rss / 2**20, 2),
         memory_percent=round(proc.memory_percent(), 3),

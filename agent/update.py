@@ -44,7 +44,8 @@ from protocol.trust import Keyring, verify_envelope
 
 from . import download, health
 from .config import Limits
-from .runtime import LoadedModel, Runtime
+from .runtime import LoadedModel
+from .scheduler import Scheduler
 from .store import ModelRef, Store, read_json, write_json_atomic
 
 log = logging.getLogger("slmops.agent.update")
@@ -150,7 +151,7 @@ class Updater:
         self,
         *,
         store: Store,
-        runtime: Runtime,
+        runtime: Scheduler,
         keyring: Keyring,
         limits: Limits,
         client: httpx.Client,
@@ -160,6 +161,7 @@ class Updater:
         self.store, self.runtime, self.keyring, self.limits = store, runtime, keyring, limits
         self.client, self.report, self.clock = client, report, clock
         self._candidate: LoadedModel | None = None
+        self.state = S.IDLE  # the state being run, for /metrics
         self.handlers: dict[State, Callable[[Record], None]] = {
             S.DOWNLOAD: self._download,
             S.VERIFY: self._verify,
@@ -208,6 +210,7 @@ class Updater:
             entries[rec.state.value] = entries.get(rec.state.value, 0) + 1
             rec.entries = entries
             self._persist(rec)
+            self.state = rec.state
             if rec.state in PROGRESS:
                 self._send(rec, PROGRESS[rec.state])
             event = self._step(rec, entries[rec.state.value])
@@ -216,6 +219,7 @@ class Updater:
                 rec.outcome = outcome
             log.info("update %s: %s --%s--> %s", rec.deployment_id, rec.state.value, event.value, nxt.value)
             rec.state = nxt
+        self.state = S.IDLE
         self._finish(rec)
         return rec.outcome
 
@@ -288,7 +292,7 @@ class Updater:
     def _health_check(self, rec: Record) -> None:
         manifest = self._manifest(rec)
         self._candidate = health.check(
-            self.store.version_dir(rec.ref), manifest, timeout_s=self.limits.health_timeout_s
+            self.store.version_dir(rec.ref), manifest, timeout_s=self.limits.health_timeout_s, load=self.runtime.load
         )
 
     def _commit(self, rec: Record) -> None:
@@ -307,7 +311,7 @@ class Updater:
         if want is None:
             self.runtime.swap(None)
         elif current is None or current.ref != want:
-            self.runtime.swap(LoadedModel.load(self.store.version_dir(want), want))
+            self.runtime.swap(self.runtime.load(self.store.version_dir(want), want))
 
     def _cleanup(self, rec: Record) -> None:
         self.store.clear_staging(rec.deployment_id)

@@ -1,7 +1,8 @@
 """Session fixtures with the tiny reference model, built once and reused across test runs.
 
 Load with `pytest_plugins = ["tests.fixtures_models"]`. `tiny_hf` is the Hugging Face folder from
-`trainer.tiny.build_tiny` and `tiny_int4` its int4 onnxruntime-genai export with `eval.json`. Both live under
+`trainer.tiny.build_tiny` and `tiny_int4` its int4 onnxruntime-genai export with `eval.json`; `slow_int4` is a
+wider, deeper model with the tiny tokenizer and random weights, for tests that need an answer to take seconds. Both live under
 `$SLMOPS_TEST_CACHE` (default `<repo>/.cache/test-models`) in a folder named by a hash of the trainer's source,
 its shipped data, the build settings and the library versions, so a change to any of them builds afresh. Each
 folder is built in a temporary sibling and renamed into place, so a half-built folder is never reused.
@@ -75,3 +76,28 @@ def tiny_int4(tiny_hf: Path) -> Path:
         write_eval(out)
 
     return _cached("int4", build)
+
+
+SLOW_SHAPE = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+              "num_key_value_heads": 4, "max_position_embeddings": 4096}
+
+
+@pytest.fixture(scope="session")
+def slow_int4(tiny_hf: Path) -> Path:
+    """int4 export of a random-weight model about 25x the tiny one (same tokenizer), with a 4096-token context."""
+    from trainer.export import export
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+        hf = out.parent / "slow-hf"
+        torch.manual_seed(0)
+        tiny = Qwen2Config.from_pretrained(tiny_hf)
+        config = Qwen2Config(vocab_size=tiny.vocab_size, tie_word_embeddings=True, eos_token_id=tiny.eos_token_id,
+                             pad_token_id=tiny.pad_token_id, **SLOW_SHAPE)
+        Qwen2ForCausalLM(config).save_pretrained(hf)
+        AutoTokenizer.from_pretrained(tiny_hf).save_pretrained(hf)
+        export(hf, out, max_length=SLOW_SHAPE["max_position_embeddings"])
+
+    return _cached("slow-int4", build)

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from agent.config import Limits
-from agent.runtime import LoadedModel, Runtime
+from agent.runtime import LoadedModel
+from agent.scheduler import Scheduler
 from agent.store import ModelRef, Store
 from agent.update import State, Updater
 from fleet.bundles import build_bundle
@@ -56,7 +57,7 @@ def command(served, version: int, dep: str) -> DeployCommand:
 
 
 def updater(root: Path, served, reports: list) -> Updater:
-    store, runtime = Store(root), Runtime()
+    store, runtime = Store(root), Scheduler()
     active = store.active()
     if active:
         runtime.swap(LoadedModel.load(store.version_dir(active), active))

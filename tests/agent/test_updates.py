@@ -243,3 +243,46 @@ def test_redelivered_command_is_not_run_twice(rig):
                       bundle=BundleRef(name="triage", version=50, url="http://127.0.0.1:1/x", sha256="0" * 64, size=1))
     ) is None
     assert rig.agent.store.active().version == before
+
+
+def test_requests_in_a_loop_across_a_model_update_all_succeed(rig):
+    """Hot swap: requests running during the switch finish on the old model, later ones get the new one."""
+    before = rig.agent.store.active().version
+    bundle = rig.bundle(before + 1, name=f"loop{before + 1}.bundle")
+    failures: list[str] = []
+    served: list[str] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        with httpx.Client(base_url=rig.agent.api_url, timeout=30) as client:
+            while not stop.is_set():
+                stream = len(served) % 2 == 1
+                body = {"messages": [{"role": "user", "content": "gw-3 battery=4% status=LOW"}], "max_tokens": 24,
+                        "stream": stream}
+                try:
+                    r = client.post("/v1/chat/completions", json=body)
+                    if r.status_code != 200 or (stream and not r.text.rstrip().endswith("data: [DONE]")):
+                        failures.append(f"{r.status_code} {r.text[:200]}")
+                    elif stream:
+                        served.append(json.loads(r.text.split("\n\n")[0][6:])["model"])
+                    else:
+                        served.append(r.json()["model"])
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=loop) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        reports = rig.deploy(bundle, before + 1)
+        n = len(served)
+        while len(served) < n + 10 and not failures:  # keep asking a little after the switch
+            threading.Event().wait(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert states(reports)[-1] is U.ACTIVE
+    assert failures == []
+    assert f"triage:v{before}" in served and served[-1] == f"triage:v{before + 1}"
+    assert len(served) >= 10
