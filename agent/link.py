@@ -5,6 +5,11 @@ or MQTT 5 clean_start=False with a session expiry), so QoS 1 commands sent while
 it returns. The broker holds an "offline" presence as the last will; on connect the agent publishes a retained
 "online" presence and subscribes to its command topic. Payloads become typed messages at this edge; malformed or
 misaddressed ones are logged and dropped. paho reconnects by itself and queues QoS 1 publishes meanwhile.
+
+Hostile input: `parse_message` refuses a payload over `MAX_MESSAGE_BYTES` before parsing it, and every failure while
+handling one message (a bad payload, JSON Python cannot build, a bug in `on_deploy`) is logged on one line with the
+topic and the error cut short, never the payload, and the message is dropped. Nothing escapes `_on_message`: an
+exception there would stop paho's network thread, and with it every later command.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
 from protocol import topics
-from protocol.errors import MessageError
+from protocol.errors import MessageError, clip, one_line
 from protocol.messages import ActiveModel, DeployCommand, Presence, _Message, encode, parse_message
 from protocol.topics import BrokerAddress
 
@@ -132,12 +137,20 @@ class Link:
                         "lost" if was else "cannot reach", self.addr, reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        """Hand a deploy command for this device to `on_deploy`; log and drop anything else, whatever it raises."""
+        try:
+            topic = msg.topic  # paho decodes the topic here: it raises on bytes that are not UTF-8
+        except UnicodeDecodeError:
+            log.warning("dropped a message whose topic is not UTF-8")
+            return
         try:
             message = parse_message(msg.payload)
+            if not isinstance(message, DeployCommand) or message.device_id != self.device_id:
+                log.warning("dropped a %s message on %s not meant for this device", message.kind, clip(topic, 120))
+                return
+            self.on_deploy(message)
         except MessageError as exc:
-            log.warning("dropped a malformed message on %s: %s", msg.topic, exc)
-            return
-        if not isinstance(message, DeployCommand) or message.device_id != self.device_id:
-            log.warning("dropped a %s message on %s not meant for this device", message.kind, msg.topic)
-            return
-        self.on_deploy(message)
+            log.warning("dropped a malformed message on %s: %s", clip(topic, 120), one_line(exc))
+        except Exception as exc:  # the network thread must outlive any payload and any bug in the handler
+            log.error("dropped a message on %s after an unexpected error: %s", clip(topic, 120), one_line(exc))
+            log.debug("the error's traceback", exc_info=True)

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, IdentifierError
+from protocol.manifest import check_name, check_version
+from protocol.messages import check_deployment_id
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,13 @@ class Store:
         return self.state_dir / "active.json"
 
     def staging(self, deployment_id: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in deployment_id)[:80] or "update"
-        return self.staging_root / safe
+        """staging/<deployment_id>/; IdentifierError unless the id is well-formed and the folder stays in staging/."""
+        return _inside(self.staging_root, self.staging_root / check_deployment_id(deployment_id))
 
     def version_dir(self, ref: ModelRef) -> Path:
-        return self.versions_root / ref.name / str(ref.version)
+        """versions/<name>/<version>/; IdentifierError unless both are well-formed and the folder stays in versions/."""
+        name, version = check_name(ref.name), check_version(ref.version)
+        return _inside(self.versions_root, self.versions_root / name / str(version))
 
     # -- the active pointer -----------------------------------------------------------------------------------
     def _pointer(self) -> dict[str, Any]:
@@ -171,6 +175,13 @@ class SeqCounter:
                 write_json_atomic(self.path, {"reserved": self._reserved})
             self._next += 1
             return self._next
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """`path` if it still lies under `root` once links are resolved; IdentifierError otherwise."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise IdentifierError(f"{path} resolves outside {root}; refusing to use it")
+    return path
 
 
 def _fsync_dir(path: Path) -> None:

@@ -4,8 +4,9 @@ Workflow:
 - pack: `build_bundle(model_dir, out, ...)` hashes every file of the exported onnxruntime-genai folder, reads the
   trainer's `eval.json` into the manifest, signs it (or leaves it unsigned when no key is given) and writes the
   bundle through a temp file; `sign_bundle(path, keys)` adds signatures to an existing bundle.
-- check: `verify_bundle(path, keyring)` reads the envelope, checks its signatures, then streams the whole file so
-  every member's size and sha256 is compared with the signed manifest.
+- check: `verify_bundle(path, keyring)` reads the envelope, checks its signatures, then checks every member's tar
+  header against the signed manifest (plain file, exact path, declared size; see `protocol.bundle`) before it
+  hashes a byte, and only then streams the whole file so every member's sha256 is compared with the manifest.
 - keep: `BundleStore(data_dir)` holds `bundles/<name>/<version>.bundle`; uploads stream into `tmp/` first and are
   moved into place only after `verify_bundle` accepted them.
 """
@@ -29,6 +30,7 @@ from protocol import bundle as container
 from protocol.errors import (
     ConfigError,
     ExpiredMetadataError,
+    IdentifierError,
     LengthOrHashMismatchError,
     ManifestError,
     SignatureError,
@@ -40,8 +42,9 @@ from protocol.manifest import (
     Manifest,
     SmokePrompt,
     Target,
-    first_error,
     canonical_bytes,
+    check_keyid,
+    first_error,
 )
 from protocol.trust import Keyring, PrivateKey, add_signatures, read_unverified, verify_envelope
 
@@ -113,9 +116,11 @@ def sign_bundle(path: Path, signers: Sequence[PrivateKey]) -> Manifest:
 
 
 def verify_bundle(path: Path, keyring: Keyring | None, *, now: datetime | None = None) -> Manifest:
-    """Check signatures (any signer when `keyring` is None, but at least one), expiry, then every file's hash."""
+    """Check signatures (any signer when `keyring` is None, but at least one), expiry, every member's header, then
+    every file's hash."""
     with Path(path).open("rb") as f:
         envelope = container.read_envelope(f)
+        _envelope_doc(envelope)  # JSON that Python cannot build (deep nesting, huge numbers) is a ManifestError
         if keyring is None:
             manifest = read_unverified(envelope)
             if not signer_keyids(envelope):
@@ -129,14 +134,29 @@ def verify_bundle(path: Path, keyring: Keyring | None, *, now: datetime | None =
         else:
             manifest = verify_envelope(envelope, keyring, now=now)
         f.seek(0)
-        container.unpack(f, manifest)
+        container.unpack(f, manifest)  # checks every member's header (a seekable file) before it hashes a byte
     return manifest
 
 
 def signer_keyids(envelope: bytes) -> list[str]:
-    """Key ids named by the envelope's signatures (not checked; for display and records)."""
-    doc = json.loads(envelope)
-    return sorted({s["keyid"] for s in doc.get("signatures", []) if isinstance(s, dict) and isinstance(s.get("keyid"), str)})
+    """Key ids named by the envelope's signatures (signatures not checked; for display and records).
+
+    Raises SignatureError when a signature names a key id that is not 64 lowercase hex digits."""
+    doc = _envelope_doc(envelope)
+    sigs = doc.get("signatures") if isinstance(doc, dict) else None
+    if not isinstance(sigs, list):
+        return []
+    try:
+        return sorted({check_keyid(s.get("keyid")) for s in sigs if isinstance(s, dict)})
+    except IdentifierError as exc:
+        raise SignatureError(f"bundle signature names a malformed key id: {exc}") from exc
+
+
+def _envelope_doc(envelope: bytes) -> Any:
+    try:
+        return json.loads(envelope)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, int-digit limit, deep nesting
+        raise ManifestError(f"manifest envelope is not JSON: {type(exc).__name__}: {str(exc)[:160]}") from exc
 
 
 def read_bundle_envelope(path: Path) -> bytes:

@@ -5,10 +5,12 @@ reconnects by itself) with a stable client id and a persistent session, and on e
 QoS 1 to the status, telemetry and presence wildcards of `protocol.topics`. `wait_connected()` returns once the
 broker has acknowledged those subscriptions.
 
-Each inbound payload becomes a typed message with `protocol.messages.parse_message`; a payload that does not
-parse, names another device than its topic, or arrives on the wrong channel is logged with the reason and
-dropped. Valid ones are written in one transaction each through `fleet.crud`; a status report already stored
-(same message_id, a QoS 1 redelivery) is skipped. A device that comes online gets its unfinished deploy command
+Each inbound payload becomes a typed message with `protocol.messages.parse_message` (which refuses anything over
+`MAX_MESSAGE_BYTES` unparsed); a payload that does not parse, names another device than its topic, or arrives on
+the wrong channel is logged with the reason and dropped. Whatever else handling one message raises (a bug, the
+database) is logged on one line (topic and error, both cut short; never the payload) and that message is dropped:
+paho's network thread must outlive any payload. Valid ones are written in one transaction each through
+`fleet.crud`; a status report already stored (same message_id, a QoS 1 redelivery) is skipped. A device that comes online gets its unfinished deploy command
 again (see `fleet.deployments.commands_to_resend`). `publish_deploy` sends a `DeployCommand` at QoS 1, not
 retained, to `protocol.topics.cmd(device_id)`; paho queues it while the broker is away.
 
@@ -31,7 +33,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from protocol import topics
-from protocol.errors import ConfigError, MessageError, TopicError
+from protocol.errors import ConfigError, MessageError, TopicError, clip, one_line
 from protocol.messages import DeployCommand, Presence, StatusReport, Telemetry, encode, parse_message
 
 from . import crud
@@ -127,7 +129,7 @@ class FleetMessaging:
             if msg.device_id != where.device_id:
                 raise MessageError(f"message names device {msg.device_id!r} but came on {where.device_id!r}'s topic")
         except (TopicError, MessageError) as exc:
-            log.warning("dropped message on %s: %s", topic, exc)
+            log.warning("dropped message on %s: %s", clip(topic, 120), one_line(exc))
             return
         try:
             self._store(msg)
@@ -178,6 +180,12 @@ class FleetMessaging:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         try:
-            self.ingest(message.topic, message.payload)
-        except Exception:  # the network thread must survive whatever one message does
-            log.exception("unexpected error while handling a message on %s", message.topic)
+            topic = message.topic  # paho decodes the topic here: it raises on bytes that are not UTF-8
+        except UnicodeDecodeError:
+            log.warning("dropped a message whose topic is not UTF-8")
+            return
+        try:
+            self.ingest(topic, message.payload)
+        except Exception as exc:  # the network thread must survive whatever one message does
+            log.error("dropped message on %s after an unexpected error: %s", clip(topic, 120), one_line(exc))
+            log.debug("the error's traceback", exc_info=True)

@@ -1,9 +1,11 @@
 """One family of typed errors shared by every slmops package.
 
 Two branches, after python-tuf: `BundleError` for bad content (a device must refuse it and keep what it has)
-and `TransportError` for trouble moving bytes (worth a retry). `MessageError` covers malformed MQTT payloads.
+and `TransportError` for trouble moving bytes (worth a retry). `MessageError` covers malformed MQTT payloads,
+`IdentifierError` an id, name or version from outside that fails its strict pattern or bound.
 Every error carries a `code` (a stable, machine-readable word used in status reports) and a message that says
-what went wrong and what to do.
+what went wrong and what to do. `clip` and `one_line` render untrusted values and errors short enough for a
+message or a log line.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ class TopicError(SlmopsError):
     """A topic string does not follow the slmops topic layout."""
 
     code = "bad_topic"
+
+
+class IdentifierError(SlmopsError):
+    """An identifier from outside (deployment id, bundle name, version, key id) is malformed or out of range."""
+
+    code = "bad_identifier"
 
 
 class BundleError(SlmopsError):
@@ -61,6 +69,30 @@ class UnexpectedFileError(BundleError):
     """The bundle holds a file the manifest does not name, or a path that escapes the bundle."""
 
     code = "unexpected_file"
+
+
+class UnsafePathError(UnexpectedFileError):
+    """A bundle member's path is outside model/, absolute, or has empty, '.' or '..' parts."""
+
+    code = "unsafe_path"
+
+
+class DuplicateFileError(UnexpectedFileError):
+    """The bundle holds the same file twice."""
+
+    code = "duplicate_file"
+
+
+class NotRegularFileError(BundleError):
+    """A bundle member is not a plain file: a link, device, fifo, directory, sparse file or GNU long-name record."""
+
+    code = "not_regular_file"
+
+
+class BadHeaderError(BundleError):
+    """A bundle member's tar header is damaged, or its PAX header changes its size or path or adds other fields."""
+
+    code = "bad_header"
 
 
 class MissingFileError(BundleError):
@@ -103,3 +135,23 @@ class HealthCheckError(SlmopsError):
     """A newly installed model failed its health check (load, smoke prompt, time limit)."""
 
     code = "health_check"
+
+
+def clip(value: object, limit: int = 40) -> str:
+    """A short, safe rendering of an untrusted value for error messages and logs."""
+    if isinstance(value, str):
+        return repr(value[:limit]) + (f"... ({len(value)} chars)" if len(value) > limit else "")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) if value.bit_length() <= 64 else f"<{value.bit_length()}-bit integer>"
+    return f"<{type(value).__name__}>"
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's class and message on one printable line of at most about `limit` chars, for logs about
+    untrusted input (a message may quote part of a hostile payload; it never gets to fill the log)."""
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not break the logging of the error
+        text = "(message unavailable)"
+    line = f"{type(exc).__name__}: {text[:limit]}".encode("unicode_escape").decode("ascii")
+    return line[:limit] + ("..." if len(text) > limit or len(line) > limit else "")

@@ -7,23 +7,87 @@ measured by the trainer, the smoke prompts the device's health check runs, and r
 Workflow: the fleet builds a `Manifest`, signs `canonical_bytes(manifest.to_signed())` (see `protocol.trust`),
 and stores the envelope beside the files; the agent parses the envelope bytes back with `Manifest.from_signed()`
 only after the signatures check out.
+
+Identifiers that come from outside (bundle name, version, key id, sha256) are checked here with strict full-match
+patterns and bounds (`check_name`, `check_version`, ...); the pydantic models of this module and of
+`protocol.messages` use them through the `BundleName`, `Version`, ... field types.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
-from .errors import ManifestError
+from .errors import IdentifierError, ManifestError, SlmopsError, clip
 
 MANIFEST_SCHEMA_VERSION = 1
 BUNDLE_FORMAT = "onnxruntime-genai"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# Identifier patterns: always applied with re.fullmatch (never `$`, which lets a trailing newline through).
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+KEYID_RE = SHA256_RE  # a key id is the sha256 of the raw Ed25519 public key
+MAX_VERSION = 2**63 - 1  # the highest version (and any counter): fits a signed 64-bit integer column
+MAX_PATH_CHARS = 1024  # characters in a file path inside the bundle
+MAX_PART_BYTES = 255  # bytes in one part of that path (the usual file-name limit)
+_T = TypeVar("_T")
+
+
+# ---- identifiers from outside: strict full-match patterns and bounds ----------------------------------------
+
+
+def check_identifier(value: object, pattern: re.Pattern[str], max_chars: int, what: str, rule: str) -> str:
+    """`value` if it is a str of at most `max_chars` that `pattern` matches in full; IdentifierError otherwise."""
+    if not isinstance(value, str) or len(value) > max_chars or not pattern.fullmatch(value):
+        raise IdentifierError(f"{what} {clip(value)} is not valid: {rule}")
+    return value
+
+
+def check_name(name: object) -> str:
+    """A bundle name: 1-64 chars of a-z, 0-9, '.', '_', '-', starting with a letter or digit."""
+    return check_identifier(
+        name, NAME_RE, 64, "bundle name", "use 1-64 chars of a-z, 0-9, '.', '_', '-' starting with a letter or digit"
+    )
+
+
+def check_version(version: object) -> int:
+    """A bundle version: a whole number from 1 to 2**63 - 1 (a bool is not a version)."""
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 < version <= MAX_VERSION:
+        raise IdentifierError(f"version {clip(version)} is not valid: use a whole number from 1 to {MAX_VERSION}")
+    return version
+
+
+def check_keyid(keyid: object) -> str:
+    """A key id: 64 lowercase hex digits (the sha256 of the raw public key)."""
+    return check_identifier(keyid, KEYID_RE, 64, "key id", "use the 64 lowercase hex digits of the key's sha256")
+
+
+def check_sha256(digest: object) -> str:
+    """A sha256 digest: 64 lowercase hex digits."""
+    return check_identifier(digest, SHA256_RE, 64, "sha256", "use 64 lowercase hex digits")
+
+
+def validated(check: Callable[[object], _T]) -> AfterValidator:
+    """A pydantic validator running a protocol check (its typed error becomes the schema error's message)."""
+
+    def run(value: object) -> _T:
+        try:
+            return check(value)
+        except SlmopsError as exc:
+            raise ValueError(str(exc)) from None
+
+    return AfterValidator(run)
+
+
+BundleName = Annotated[str, validated(check_name)]
+Version = Annotated[int, Strict(), validated(check_version)]
+KeyId = Annotated[str, validated(check_keyid)]
+Sha256 = Annotated[str, validated(check_sha256)]
+Count = Annotated[int, Field(ge=0, le=MAX_VERSION)]  # sizes, sequence numbers, counters: fit 63 bits
 
 
 def canonical_bytes(obj: Any) -> bytes:
@@ -42,22 +106,21 @@ class FileEntry(_Frozen):
     """One file of the model folder, by its path relative to the folder."""
 
     path: str
-    size: int = Field(ge=0)
-    sha256: str
+    size: Count
+    sha256: Sha256
 
     @field_validator("path")
     @classmethod
     def _safe_path(cls, v: str) -> str:
+        if len(v) > MAX_PATH_CHARS:
+            raise ValueError(f"file path {clip(v)} is longer than {MAX_PATH_CHARS} chars")
         parts = v.split("/")
         if not v or v.startswith("/") or "\\" in v or any(p in ("", ".", "..") for p in parts):
-            raise ValueError(f"unsafe file path {v!r}: must be relative, '/'-separated, without '.' or '..'")
-        return v
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, v: str) -> str:
-        if not SHA256_RE.match(v):
-            raise ValueError("sha256 must be 64 lowercase hex digits")
+            raise ValueError(f"unsafe file path {clip(v)}: must be relative, '/'-separated, without '.' or '..'")
+        if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in v):
+            raise ValueError(f"file path {clip(v)} holds a control character or an unpaired surrogate")
+        if any(len(p.encode()) > MAX_PART_BYTES for p in parts):
+            raise ValueError(f"file path {clip(v)} has a part longer than {MAX_PART_BYTES} bytes")
         return v
 
 
@@ -110,9 +173,9 @@ class Budgets(_Frozen):
 class BaseRef(_Frozen):
     """For an adapter-only bundle: the base bundle it applies to."""
 
-    name: str
-    version: int = Field(ge=1)
-    sha256: str
+    name: BundleName
+    version: Version
+    sha256: Sha256
 
 
 class Manifest(_Frozen):
@@ -120,8 +183,8 @@ class Manifest(_Frozen):
 
     type: Literal["slmops-bundle"] = "slmops-bundle"
     schema_version: int = MANIFEST_SCHEMA_VERSION
-    name: str
-    version: int = Field(ge=1)
+    name: BundleName
+    version: Version
     base_model: str = ""
     format: Literal["onnxruntime-genai"] = BUNDLE_FORMAT
     target: Target = Target()
@@ -133,13 +196,6 @@ class Manifest(_Frozen):
     budgets: Budgets = Budgets()
     base: BaseRef | None = None
     description: str = ""
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("name must be 1-64 chars of a-z, 0-9, '.', '_', '-' and start with a letter or digit")
-        return v
 
     @field_validator("schema_version")
     @classmethod
@@ -192,9 +248,9 @@ def first_error(exc: ValidationError) -> str:
     if not errs:
         return str(exc)
     e = errs[0]
-    loc = ".".join(str(p) for p in e.get("loc", ()))
+    loc = ".".join(str(p) for p in e.get("loc", ()))[:80]  # an unknown key is part of loc: never echo it whole
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
-    return f"{loc or 'value'}: {e.get('msg')}{more}"
+    return f"{loc or 'value'}: {str(e.get('msg'))[:300]}{more}"
 
 
 def utc(ts: str | datetime) -> datetime:

@@ -9,11 +9,16 @@ Every message is a JSON object with a common header:
     signatures      optional list of {"keyid", "sig"} over the canonical bytes of the message without this field
 
 Payloads become typed objects at the edge with `parse_message(bytes)`; send with `encode(message)`.
+
+Every identifier in a message is checked with a strict full-match pattern and a bound while it is parsed: device
+ids (`protocol.topics.check_device_id`), deployment and message ids (here), bundle names, versions (1 to 2**63 - 1,
+never a bool, string or float) and key ids (`protocol.manifest`); counters and sizes fit 63 bits.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import datetime
 from enum import Enum
@@ -21,11 +26,54 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from .errors import MessageError
-from .manifest import NAME_RE, first_error, canonical_bytes
+from .errors import MessageError, clip
+from .manifest import (
+    MAX_VERSION,
+    BundleName,
+    Count,
+    KeyId,
+    Sha256,
+    Version,
+    canonical_bytes,
+    check_identifier,
+    first_error,
+    validated,
+)
+from .topics import check_device_id
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024  # bytes: larger MQTT payloads are refused unparsed
+MAX_URL_CHARS = 2048  # characters in a bundle URL
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # deployment and message ids; always with fullmatch
+SIG_RE = re.compile(r"[0-9a-f]{128}")  # an Ed25519 signature, hex
+
+
+def check_deployment_id(deployment_id: object) -> str:
+    """A deployment id: 1-128 chars of letters, digits, '.', '_', '-', starting with a letter or digit (so never
+    '.', '..' or a path)."""
+    return check_identifier(
+        deployment_id, ID_RE, 128, "deployment id",
+        "use 1-128 chars of letters, digits, '.', '_', '-' starting with a letter or digit",
+    )
+
+
+def check_message_id(message_id: object) -> str:
+    """A message id: the same shape as a deployment id (the senders use a uuid4 in hex)."""
+    return check_identifier(
+        message_id, ID_RE, 128, "message id",
+        "use 1-128 chars of letters, digits, '.', '_', '-' starting with a letter or digit",
+    )
+
+
+def check_signature_hex(sig: object) -> str:
+    """An Ed25519 signature: 128 lowercase hex digits."""
+    return check_identifier(sig, SIG_RE, 128, "signature", "use the 128 lowercase hex digits of an Ed25519 signature")
+
+
+DeviceId = Annotated[str, validated(check_device_id)]
+DeploymentId = Annotated[str, validated(check_deployment_id)]
+MessageId = Annotated[str, validated(check_message_id)]
+Gauge = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class UpdateState(str, Enum):
@@ -48,16 +96,16 @@ class UpdateState(str, Enum):
 
 class Signature(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    keyid: str
-    sig: str
+    keyid: KeyId
+    sig: Annotated[str, validated(check_signature_hex)]
 
 
 class _Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    message_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
-    seq: int = Field(default=0, ge=0)
+    message_id: MessageId = Field(default_factory=lambda: uuid.uuid4().hex)
+    seq: Count = 0
     sent_at: datetime
     signatures: tuple[Signature, ...] = ()
 
@@ -70,19 +118,19 @@ class BundleRef(BaseModel):
     """Where to fetch a bundle and what it must hash to."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str = Field(pattern=NAME_RE.pattern)
-    version: int = Field(ge=1)
-    url: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=1)
+    name: BundleName
+    version: Version
+    url: str = Field(min_length=1, max_length=MAX_URL_CHARS)
+    sha256: Sha256
+    size: int = Field(ge=1, le=MAX_VERSION)
 
 
 class DeployCommand(_Message):
     """Fleet -> device: install this bundle."""
 
     kind: Literal["deploy"] = "deploy"
-    deployment_id: str
-    device_id: str
+    deployment_id: DeploymentId
+    device_id: DeviceId
     bundle: BundleRef
 
 
@@ -90,42 +138,42 @@ class StatusReport(_Message):
     """Device -> fleet: a step of an update, with the reason when it failed."""
 
     kind: Literal["status"] = "status"
-    device_id: str
-    deployment_id: str
-    bundle_name: str
-    bundle_version: int
+    device_id: DeviceId
+    deployment_id: DeploymentId
+    bundle_name: BundleName
+    bundle_version: Version
     state: UpdateState
-    active_version: int | None = None  # what serves after this step
+    active_version: Version | None = None  # what serves after this step
     error_code: str | None = None
     detail: str = ""
 
 
 class ActiveModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str
-    version: int
+    name: BundleName
+    version: Version
 
 
 class Telemetry(_Message):
     """Device -> fleet: a health sample. Counters and gauges only; never prompt or answer text."""
 
     kind: Literal["telemetry"] = "telemetry"
-    device_id: str
+    device_id: DeviceId
     active: ActiveModel | None = None
-    uptime_s: float = Field(ge=0)
-    requests_total: int = Field(ge=0)
-    tokens_generated_total: int = Field(ge=0)
-    tokens_per_s: float = Field(ge=0)
-    cpu_percent: float = Field(ge=0)
-    memory_rss_mb: float = Field(ge=0)
-    memory_percent: float = Field(ge=0)
+    uptime_s: Gauge
+    requests_total: Count
+    tokens_generated_total: Count
+    tokens_per_s: Gauge
+    cpu_percent: Gauge
+    memory_rss_mb: Gauge
+    memory_percent: Gauge
 
 
 class Presence(_Message):
     """Device -> fleet: online when connected (retained), offline as the MQTT last will or on clean exit."""
 
     kind: Literal["presence"] = "presence"
-    device_id: str
+    device_id: DeviceId
     online: bool
     agent_version: str = ""
     active: ActiveModel | None = None
@@ -136,21 +184,29 @@ _ADAPTER: TypeAdapter = TypeAdapter(Message)
 
 
 def parse_message(payload: bytes) -> DeployCommand | StatusReport | Telemetry | Presence:
-    """Bytes from the wire -> a typed message, or MessageError saying what is wrong."""
+    """Bytes from the wire -> a typed message, or MessageError saying what is wrong.
+
+    The size is checked before anything is parsed; JSON that Python refuses to build (a number past the int-string
+    digit limit, nesting past the recursion limit, bad UTF-8) is a MessageError like any other malformed payload.
+    """
     if len(payload) > MAX_MESSAGE_BYTES:
         raise MessageError(f"message is {len(payload)} bytes, over the {MAX_MESSAGE_BYTES} byte limit")
     try:
         doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MessageError(f"message is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8 and the int-digit limit are ValueErrors
+        raise MessageError(f"message is not JSON: {type(exc).__name__}: {str(exc)[:160]}") from exc
     if not isinstance(doc, dict):
         raise MessageError("message must be a JSON object")
     if doc.get("schema_version") not in (None, SCHEMA_VERSION):
-        raise MessageError(f"message schema_version {doc.get('schema_version')!r} is not supported (this release speaks {SCHEMA_VERSION})")
+        raise MessageError(
+            f"message schema_version {clip(doc.get('schema_version'))} is not supported "
+            f"(this release speaks {SCHEMA_VERSION})"
+        )
     try:
         return _ADAPTER.validate_python(doc)
     except ValidationError as exc:
-        raise MessageError(f"{doc.get('kind', 'message')!s} does not match its schema: {first_error(exc)}") from exc
+        kind = doc["kind"][:20] if isinstance(doc.get("kind"), str) else "message"
+        raise MessageError(f"{kind} does not match its schema: {first_error(exc)}") from exc
 
 
 def encode(message: _Message) -> bytes:

@@ -16,10 +16,11 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from .errors import TopicError
+from .errors import TopicError, clip
 
 PREFIX = "slmops/v1"
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always with fullmatch: `$` lets "x\n" through
+MAX_DEVICE_ID_CHARS = 128
 
 
 class Channel(str, Enum):
@@ -29,10 +30,14 @@ class Channel(str, Enum):
     PRESENCE = "presence"
 
 
-def check_device_id(device_id: str) -> str:
-    if not isinstance(device_id, str) or not DEVICE_ID_RE.match(device_id):
+MAX_TOPIC_CHARS = len(f"{PREFIX}/devices//") + MAX_DEVICE_ID_CHARS + max(len(c.value) for c in Channel)
+
+
+def check_device_id(device_id: object) -> str:
+    """A device id (one topic level): 1-128 chars of letters, digits, '.', '_', '-', starting with a letter or digit."""
+    if not isinstance(device_id, str) or len(device_id) > MAX_DEVICE_ID_CHARS or not DEVICE_ID_RE.fullmatch(device_id):
         raise TopicError(
-            f"device id {device_id!r} is not valid: use 1-128 chars of letters, digits, '.', '_', '-', "
+            f"device id {clip(device_id)} is not valid: use 1-128 chars of letters, digits, '.', '_', '-', "
             "starting with a letter or digit"
         )
     return device_id
@@ -54,13 +59,16 @@ class Topic:
 
     @classmethod
     def parse(cls, topic: str) -> "Topic":
+        shown = clip(topic, 80)
+        if len(topic) > MAX_TOPIC_CHARS:
+            raise TopicError(f"topic {shown} is longer than {MAX_TOPIC_CHARS} chars")
         parts = topic.split("/")
         if len(parts) != 5 or "/".join(parts[:2]) != PREFIX or parts[2] != "devices":
-            raise TopicError(f"topic {topic!r} is not of the form {PREFIX}/devices/<id>/<channel>")
+            raise TopicError(f"topic {shown} is not of the form {PREFIX}/devices/<id>/<channel>")
         try:
             channel = Channel(parts[4])
         except ValueError as exc:
-            raise TopicError(f"topic {topic!r} names unknown channel {parts[4]!r}") from exc
+            raise TopicError(f"topic {shown} names unknown channel {clip(parts[4], 20)}") from exc
         return cls(parts[3], channel)
 
     @staticmethod

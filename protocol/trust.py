@@ -188,8 +188,8 @@ def _parse_envelope(envelope: bytes) -> dict:
         raise ManifestError(f"manifest envelope is {len(envelope)} bytes, over the {MAX_ENVELOPE_BYTES} byte limit")
     try:
         doc = json.loads(envelope)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"manifest envelope is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, a number Python refuses, nesting too deep
+        raise ManifestError(f"manifest envelope is not JSON this device can read: {str(exc)[:200]}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("signed"), dict) or not isinstance(doc.get("signatures"), list):
         raise ManifestError('manifest envelope must be {"signed": {...}, "signatures": [...]}')
     return doc

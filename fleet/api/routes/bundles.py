@@ -1,9 +1,12 @@
 """Bundles: upload (streamed, verified, then stored), list, show a manifest, and serve the file with HTTP Range.
 
 Upload workflow: the request body streams into a temp file in the store (hashed on the way, refused once it passes
-`max_bundle_bytes`); `verify_bundle` checks the signatures against the trusted keys and every file's hash; only then
-is the row inserted and the file moved into `bundles/<name>/<version>.bundle`. The same name and version with the
-same bytes is accepted again (200); with other bytes it is a 409. Anything refused leaves nothing behind.
+`max_bundle_bytes`); `verify_bundle` checks the signatures against the trusted keys, every member's tar header
+against the manifest (a plain file, its exact path, its declared size: a sparse or lying member is refused before
+any of its bytes is hashed) and every file's hash; only then is the row inserted and the file moved into
+`bundles/<name>/<version>.bundle`. The same name and version with the same bytes is accepted again (200); with
+other bytes it is a 409. Anything refused leaves nothing behind. Names and versions in URLs pass
+`protocol.manifest`'s strict identifier checks (422 `bad_identifier` otherwise) before they reach the database.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from protocol.errors import ManifestError
+from protocol.manifest import check_name, check_version
 
 from ... import crud
 from ...bundles import Upload, read_bundle_envelope, signer_keyids, verify_bundle
@@ -89,6 +93,8 @@ def _ingest(fleet: Fleet, upload: Upload) -> tuple[BundleSummary, bool]:
 
 @router.get("", response_model=list[BundleSummary])
 def list_bundles(s: SessionDep, name: str | None = None) -> list[BundleSummary]:
+    if name is not None:
+        check_name(name)
     return [BundleSummary.of(b) for b in crud.list_bundles(s, name=name)]
 
 
@@ -113,6 +119,8 @@ def download_bundle(name: str, version: int, s: SessionDep, fleet: FleetDep) -> 
 
 
 def _bundle(s: SessionDep, name: str, version: int) -> Bundle:
+    check_name(name)  # IdentifierError (422) before the database sees them
+    check_version(version)
     bundle = crud.get_bundle(s, name=name, version=version)
     if bundle is None:
         raise NotFoundError(f"bundle {name} v{version} is not stored; see GET /api/v1/bundles, or upload it")
