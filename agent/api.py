@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from protocol.manifest import first_error
 
@@ -165,6 +166,7 @@ def create_app(scheduler: Scheduler, serving: Serving | None = None, *, bind_hos
                                       status=404, code="model_not_found", param="model")
             scheduler.admit_check()
             chat_mode = isinstance(req, oa.ChatRequest)
+            oa.check_prompt_chars(m, req.chat() if chat_mode else [{"content": req.text()}])
             ids = m.prompt_ids(req.chat()) if chat_mode else m.text_ids(req.text())
             sampling = Sampling(
                 max_tokens=oa.budget(m, len(ids), req.wanted_tokens(), serving.default_max_tokens),
@@ -174,6 +176,8 @@ def create_app(scheduler: Scheduler, serving: Serving | None = None, *, bind_hos
             job = scheduler.submit(m, ids, sampling, req.stops())
         except ValidationError as exc:
             return error(400, f"invalid request: {first_error(exc)}")
+        except ClientDisconnect:
+            return Response(status_code=400)  # the client left while sending its body; nobody reads this
         except oa.RequestError as exc:
             return error(exc.status, str(exc), exc.type, exc.code, exc.param)
         except ModelNotLoaded as exc:

@@ -19,6 +19,7 @@ from .runtime import Completion, LoadedModel, Step
 
 MAX_SCHEMA_BYTES = 64 * 1024  # bytes: a larger JSON schema or grammar is refused
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+MAX_CHARS_PER_TOKEN = 64  # characters: a prompt longer than context x this is refused without tokenizing it
 MAX_TOP_LOGPROBS = 20  # chat; the legacy completions route allows 5, as OpenAI does
 
 # Fields a client may send that change nothing here: accepted and ignored.
@@ -181,6 +182,15 @@ def guidance(fmt: ResponseFormat | None) -> tuple[str, str] | None:
     if len(text) > MAX_SCHEMA_BYTES:
         raise RequestError(f"the JSON schema is {len(text)} bytes; at most {MAX_SCHEMA_BYTES}", param="response_format")
     return "json_schema", text
+
+
+def check_prompt_chars(model: LoadedModel, messages: list[dict]) -> None:
+    """Refuse, before tokenizing it on the event loop, a prompt far longer than any context could hold."""
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > model.context_length * MAX_CHARS_PER_TOKEN:
+        raise RequestError(
+            f"the prompt has {chars} characters; this model's context holds {model.context_length} tokens",
+            code="context_length_exceeded", param="messages")
 
 
 def budget(model: LoadedModel, prompt_tokens: int, wanted: int | None, default: int) -> int:

@@ -119,7 +119,9 @@ class Job:
     admitted: float = field(default_factory=time.monotonic)
     completion: Completion = field(default_factory=Completion)
     cancel_reason: str | None = None
-    _events: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
+    _events: collections.deque = field(default_factory=collections.deque, repr=False)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _wake_pending: bool = False
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     _on_cancel: Callable[["Job"], None] | None = field(default=None, repr=False)
 
@@ -137,18 +139,31 @@ class Job:
         return self._cancelled.is_set()
 
     def emit(self, event: Event) -> None:
+        """From a worker: queue `event` and wake the handler's loop, once for however many events pile up."""
+        self._events.append(event)
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
-            self.loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self.loop.call_soon_threadsafe(self._wake)
         except RuntimeError:  # the handler's event loop is gone: nobody will read this
             self.cancel("client_gone")
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        self._ready.set()
 
     async def events(self) -> AsyncIterator[Event]:
         """Pieces as they come, then one Done or Failed."""
         while True:
-            event = await self._events.get()
-            yield event
-            if not isinstance(event, Piece):
-                return
+            while self._events:
+                event = self._events.popleft()
+                yield event
+                if not isinstance(event, Piece):
+                    return
+            self._ready.clear()
+            if not self._events:
+                await self._ready.wait()
 
 
 class Scheduler:

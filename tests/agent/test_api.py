@@ -204,6 +204,8 @@ REFUSALS = [
     ("unknown model", "/v1/chat/completions", {"model": "gpt-4", "messages": USER}, 404, "model_not_found", "model"),
     ("prompt over context", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 5000}]}, 400,
      "context_length_exceeded", "messages"),
+    ("prompt far over context, not tokenized", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "y" * 200_000}]}, 400, "context_length_exceeded", "messages"),
     ("max_tokens over context", "/v1/chat/completions", {"messages": USER, "max_tokens": 100000}, 400,
      "context_length_exceeded", "max_tokens"),
     ("n > 1", "/v1/chat/completions", {"messages": USER, "n": 2}, 400, "unsupported_parameter", "n"),
