@@ -52,6 +52,12 @@ class DeadlineExceeded(SlmopsError):
     code = "timeout"
 
 
+class Cancelled(SlmopsError):
+    """The request was cancelled (its client went away) before a worker took it."""
+
+    code = "cancelled"
+
+
 class ShuttingDown(SlmopsError):
     """The agent is stopping and takes no more requests."""
 
@@ -278,7 +284,7 @@ class Scheduler:
         if reason == "deadline":
             job.emit(Failed(DeadlineExceeded(f"waited over {self.serving.request_timeout_s:g}s in the queue")))
         else:
-            job.emit(Failed(ShuttingDown("the agent is stopping") if reason == "shutdown" else DeadlineExceeded("cancelled")))
+            job.emit(Failed(ShuttingDown("the agent is stopping") if reason == "shutdown" else Cancelled("cancelled")))
 
     def _take(self) -> Job | None:
         with self._cond:
