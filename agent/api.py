@@ -173,7 +173,7 @@ def create_app(scheduler: Scheduler, serving: Serving | None = None, *, bind_hos
                 temperature=req.temperature or 0.0, top_p=req.top_p, seed=req.seed,
                 guidance=oa.guidance(req.response_format) if chat_mode else None, top_logprobs=req.top(),
             )
-            job = scheduler.submit(m, ids, sampling, req.stops())
+            job = scheduler.submit(m, ids, sampling, req.stops(), stream=req.stream)
         except ValidationError as exc:
             return error(400, f"invalid request: {first_error(exc)}")
         except ClientDisconnect:
@@ -286,6 +286,7 @@ async def _chat_stream(job: Job, events: AsyncIterator, first, m: LoadedModel, i
             if event.text or (want_lp and event.steps):
                 lp = oa.chat_logprobs(m, event.steps) if want_lp else None
                 yield _sse(oa.chat_chunk(cid, created, m.id, {"content": event.text}, logprobs=lp))
+                job.first_sent.set()
                 await asyncio.sleep(0)  # let a hang-up be noticed even while events are queued up
             event = await anext(events)
         if isinstance(event, Failed):
@@ -297,6 +298,7 @@ async def _chat_stream(job: Job, events: AsyncIterator, first, m: LoadedModel, i
             yield _sse(oa.chat_chunk(cid, created, m.id, None, usage_=oa.usage(out)))
         yield b"data: [DONE]\n\n"
     finally:
+        job.first_sent.set()
         job.cancel("client_gone")  # no-op when finished; otherwise the client went away mid-answer
 
 
@@ -311,6 +313,7 @@ async def _completion_stream(job: Job, events: AsyncIterator, first, m: LoadedMo
                 lp = oa.completion_logprobs(m, event.steps, offset) if want_lp else None
                 offset += len(event.text)
                 yield _sse(oa.completion_chunk(cid, created, m.id, event.text, logprobs=lp))
+                job.first_sent.set()
                 await asyncio.sleep(0)
             event = await anext(events)
         if isinstance(event, Failed):
@@ -322,4 +325,5 @@ async def _completion_stream(job: Job, events: AsyncIterator, first, m: LoadedMo
             yield _sse(oa.completion_chunk(cid, created, m.id, None, usage_=oa.usage(out)))
         yield b"data: [DONE]\n\n"
     finally:
+        job.first_sent.set()
         job.cancel("client_gone")

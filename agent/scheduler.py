@@ -34,6 +34,7 @@ from .runtime import Completion, LoadedModel, ModelNotLoaded, Sampling, Step
 from .store import ModelRef
 
 log = logging.getLogger("slmops.agent.scheduler")
+FIRST_PIECE_WAIT_S = 0.05  # seconds a worker waits at most for a streaming handler to send the first piece
 
 
 class QueueFull(SlmopsError):
@@ -125,6 +126,8 @@ class Job:
     admitted: float = field(default_factory=time.monotonic)
     completion: Completion = field(default_factory=Completion)
     cancel_reason: str | None = None
+    stream: bool = False  # the handler streams: the worker lets it send the first piece before going on
+    first_sent: threading.Event = field(default_factory=threading.Event, repr=False)
     _events: collections.deque = field(default_factory=collections.deque, repr=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _wake_pending: bool = False
@@ -164,6 +167,10 @@ class Job:
         while True:
             while self._events:
                 event = self._events.popleft()
+                if isinstance(event, Piece):  # what piled up goes out as one piece: one write, not one per token
+                    while self._events and isinstance(self._events[0], Piece):
+                        more = self._events.popleft()
+                        event = Piece(event.text + more.text, event.steps + more.steps)
                 yield event
                 if not isinstance(event, Piece):
                     return
@@ -244,9 +251,9 @@ class Scheduler:
 
     # -- admission ------------------------------------------------------------------------------------------
     def submit(self, model: LoadedModel, ids: list[int], sampling: Sampling, stops: tuple[str, ...] = (),
-               *, loop: asyncio.AbstractEventLoop | None = None) -> Job:
+               *, stream: bool = False, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         """Queue a job, or raise `QueueFull` at once. Call from the event loop that reads the job's events."""
-        job = Job(model=model, ids=ids, sampling=sampling, stops=stops,
+        job = Job(model=model, ids=ids, sampling=sampling, stops=stops, stream=stream,
                   deadline=self.clock() + self.serving.request_timeout_s,
                   loop=loop or asyncio.get_running_loop(), admitted=self.clock())
         job.completion.prompt_tokens = len(ids)
@@ -333,6 +340,10 @@ class Scheduler:
                     text, hit = stops.feed(step.text)
                     out.text += text
                     job.emit(Piece(text, (step,)))
+                    if job.stream and out.completion_tokens == 1:
+                        # onnxruntime-genai holds the GIL while it computes a token: pause so the event loop can
+                        # send the first piece now instead of between later tokens (time to first token)
+                        job.first_sent.wait(FIRST_PIECE_WAIT_S)
                     if hit:
                         out.finish_reason = "stop"
                         break
