@@ -24,6 +24,7 @@ def run(
     api_host: str = typer.Option("127.0.0.1", help="Local API address; keep it on loopback so prompts stay on the device."),
     api_port: int = typer.Option(8800, help="Local API port (0: any free port)."),
     telemetry_interval: float = typer.Option(30.0, help="Seconds between telemetry samples."),
+    reconnect_max: float = typer.Option(10.0, help="Longest wait in seconds between two tries to reach the broker."),
     api_key: str | None = typer.Option(None, envvar="SLMOPS_AGENT_API_KEY", help="Bearer key the local API asks for (needed to listen beyond loopback)."),
     allowed_host: list[str] = typer.Option([], "--allowed-host", help="Extra Host header value the API accepts (DNS-rebinding guard); repeat."),
     cors_origin: list[str] = typer.Option([], "--cors-origin", help="Browser origin allowed to call the API (CORS is off without one); repeat."),
@@ -32,6 +33,10 @@ def run(
     threads: int = typer.Option(0, help="onnxruntime threads per generation (0: one per core)."),
     spin: bool = typer.Option(False, "--spin/--no-spin", help="Let onnxruntime threads spin between ops (faster on idle cores, burns CPU)."),
     request_timeout: float = typer.Option(300.0, help="Seconds a request may queue and generate before it ends."),
+    download_deadline: float = typer.Option(1800.0, help="Seconds a whole bundle download may take, retries included."),
+    download_min_rate: int = typer.Option(1024, help="Bytes/s a download must average over --download-rate-window (0: no minimum)."),
+    download_rate_window: float = typer.Option(30.0, help="Seconds over which the download rate is averaged."),
+    check_hashes: bool = typer.Option(False, "--check-hashes/--no-check-hashes", help="sha256 the active model's files at start and before answering \"already active\" (sizes are always checked)."),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Connect to the broker, serve the active model locally, and apply deploy commands as they come."""
@@ -39,7 +44,7 @@ def run(
 
     from protocol.errors import SlmopsError
 
-    from .config import AgentConfig, Serving
+    from .config import AgentConfig, Limits, Serving
     from .service import Agent
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -53,6 +58,13 @@ def run(
             api_host=api_host,
             api_port=api_port,
             telemetry_interval_s=telemetry_interval,
+            reconnect_max_s=reconnect_max,
+            limits=Limits(
+                download_deadline_s=download_deadline,
+                download_min_rate_bps=download_min_rate,
+                download_rate_window_s=download_rate_window,
+                check_hashes=check_hashes,
+            ),
             serving=Serving(
                 queue_size=queue_size,
                 workers=workers,

@@ -22,6 +22,15 @@ class Limits:
     download_timeout_s: float = 60.0  # seconds without progress before a download attempt fails
     download_attempts: int = 5  # tries, resuming with HTTP Range after the first
     health_timeout_s: float | None = None  # seconds; None: the bundle's own health.timeout_s
+    download_deadline_s: float = 1800.0  # seconds for a whole download, every attempt and back-off included
+    download_min_rate_bps: int = 1024  # bytes/s averaged over download_rate_window_s; slower fails (0: no minimum)
+    download_rate_window_s: float = 30.0  # seconds over which the download rate is averaged
+    check_hashes: bool = False  # sha256 every file of the active model at start and before "already active"
+    #                             (sizes are always checked; hashing costs about a second per GB)
+
+    def __post_init__(self) -> None:
+        if self.download_deadline_s <= 0 or self.download_rate_window_s <= 0 or self.download_min_rate_bps < 0:
+            raise ConfigError("download deadline and rate window must be positive, the minimum rate 0 or more")
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class AgentConfig:
     api_host: str = "127.0.0.1"
     api_port: int = 8800  # 0: pick a free port
     telemetry_interval_s: float = 30.0  # seconds between telemetry samples
+    reconnect_max_s: float = 10.0  # seconds: the longest wait between two tries to reach the broker
     limits: Limits = field(default_factory=Limits)
     serving: Serving = field(default_factory=Serving)
 

@@ -4,7 +4,9 @@ Workflow: `Link.start()` connects in the background (the local API never waits f
 or MQTT 5 clean_start=False with a session expiry), so QoS 1 commands sent while the device was away arrive when
 it returns. The broker holds an "offline" presence as the last will; on connect the agent publishes a retained
 "online" presence and subscribes to its command topic. Payloads become typed messages at this edge; malformed or
-misaddressed ones are logged and dropped. paho reconnects by itself and queues QoS 1 publishes meanwhile.
+misaddressed ones are logged and dropped. paho reconnects by itself, waiting 1 s, then twice as long after each
+failed try, never more than `reconnect_max_s`, and keeps unacknowledged QoS 1 publishes to send again meanwhile.
+`publish` returns paho's `MQTTMessageInfo`, so a caller (the telemetry outbox) can tell when the broker acknowledged.
 
 Hostile input: `parse_message` refuses a payload over `MAX_MESSAGE_BYTES` before parsing it, and every failure while
 handling one message (a bad payload, JSON Python cannot build, a bug in `on_deploy`) is logged on one line with the
@@ -25,8 +27,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
 from protocol import topics
-from protocol.errors import MessageError, clip, one_line
-from protocol.messages import ActiveModel, DeployCommand, Presence, _Message, encode, parse_message
+from protocol.errors import ConfigError, MessageError, clip, one_line
+from protocol.messages import ActiveModel, CancelCommand, DeployCommand, Presence, _Message, encode, parse_message
 from protocol.topics import BrokerAddress
 
 from .store import SeqCounter
@@ -46,10 +48,13 @@ class Link:
         broker_url: str,
         *,
         seq: SeqCounter,
-        on_deploy: Callable[[DeployCommand], None],
+        on_deploy: Callable[[DeployCommand | CancelCommand], None],
         active: Callable[[], ActiveModel | None],
         agent_version: str = "",
+        reconnect_max_s: float = 10.0,
     ) -> None:
+        if not reconnect_max_s > 0:
+            raise ConfigError(f"reconnect_max_s must be a positive number of seconds, not {reconnect_max_s}")
         self.device_id, self.addr = device_id, BrokerAddress.parse(broker_url)
         self.seq, self.on_deploy, self.active, self.agent_version = seq, on_deploy, active, agent_version
         self.connected = threading.Event()  # set once the broker acknowledged the command subscription
@@ -63,7 +68,7 @@ class Link:
         )
         if self.addr.tls:
             self.client.tls_set()
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.reconnect_delay_set(min_delay=min(1.0, reconnect_max_s), max_delay=reconnect_max_s)  # type: ignore[arg-type]
         self.client.max_queued_messages_set(1000)
         self.client.will_set(str(topics.presence(device_id)), self._presence(False), qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -97,8 +102,12 @@ class Link:
         self.client.loop_stop()
 
     # -- out ------------------------------------------------------------------------------------------------
-    def publish(self, topic: topics.Topic, message: _Message, *, qos: int = 1, retain: bool = False) -> None:
-        self.client.publish(str(topic), encode(message), qos=qos, retain=retain)
+    def publish(self, topic: topics.Topic, message: _Message, *, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        return self.publish_bytes(topic, encode(message), qos=qos, retain=retain)
+
+    def publish_bytes(self, topic: topics.Topic, payload: bytes, *, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """Publish an already encoded message; paho queues it while the broker is away."""
+        return self.client.publish(str(topic), payload, qos=qos, retain=retain)
 
     def announce(self) -> None:
         """Publish the retained online presence (also after the active model changes)."""
@@ -145,7 +154,7 @@ class Link:
             return
         try:
             message = parse_message(msg.payload)
-            if not isinstance(message, DeployCommand) or message.device_id != self.device_id:
+            if not isinstance(message, DeployCommand | CancelCommand) or message.device_id != self.device_id:
                 log.warning("dropped a %s message on %s not meant for this device", message.kind, clip(topic, 120))
                 return
             self.on_deploy(message)

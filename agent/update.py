@@ -6,21 +6,32 @@
      CLEANUP (rejected | failed)      ROLLBACK -> CLEANUP (rolled back | failed) -> IDLE
 
 Rules (after Mender):
-- Handlers do the work and end in an `Event` (success; reject: a `BundleError`, bad content; failure: anything
-  else); only `TRANSITIONS` picks the next state and the outcome.
+- Handlers do the work and end in an `Event` (success; reject: a `BundleError`, bad content; storage: the disk
+  refused a write, an OSError; cancel: the fleet cancelled it; failure: anything else); only `TRANSITIONS` picks the
+  next state and the outcome. An outcome, once a transition decided it, stays: a disk error in INSTALL, HEALTH_CHECK
+  or COMMIT rolls back and still ends `failed` with its code (disk_full, read_only, io_error).
 - The record (`state/update.json`) is written before each handler runs, so a restart knows where it stopped:
   stopped in DOWNLOAD or VERIFY -> run that step again (neither touches the live model); stopped in INSTALL,
   HEALTH_CHECK or COMMIT -> ROLLBACK; stopped in ROLLBACK or CLEANUP -> run it again. Every handler is idempotent.
+  The updater keeps the record in memory too: when the disk refuses to store it, the update still runs to its end
+  and reports.
 - Nothing is installed into `versions/` before the bundle's signature and every file hash are verified.
 - The active pointer is snapshotted when the update starts; ROLLBACK writes that snapshot back and makes the
   runtime serve the model it names. CLEANUP always runs and sends the one terminal status report.
 - A state entered more than `MAX_ENTRIES` times in one update is a loop: the step fails.
+- Each finished deployment's outcome is kept (the last `HISTORY`): a redelivered command gets the same terminal
+  report again and nothing runs twice.
+- A cancel (`cancel(deployment_id)`, from any thread) is checked between download chunks and before VERIFY and
+  INSTALL; once INSTALL began the update runs to its end. `stop()` (the agent shutting down) interrupts DOWNLOAD and
+  VERIFY the same way, leaving the record for the restart.
+- An unreadable update.json is treated as "no update in progress": staging is cleared and the damage reported.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,20 +48,25 @@ from protocol.errors import (
     IncompatibleTargetError,
     ManifestError,
     SlmopsError,
+    StateDamagedError,
+    StorageError,
+    SupersededError,
+    UpdateCancelledError,
 )
 from protocol.manifest import Manifest
-from protocol.messages import BundleRef, DeployCommand, UpdateState
+from protocol.messages import BundleRef, CancelCommand, DeployCommand, UpdateState
 from protocol.trust import Keyring, verify_envelope
 
 from . import download, health
 from .config import Limits
 from .runtime import LoadedModel
 from .scheduler import Scheduler
-from .store import ModelRef, Store, read_json, write_json_atomic
+from .store import ModelRef, Store, read_json, storage_error, write_json_atomic
 
 log = logging.getLogger("slmops.agent.update")
 MAX_ENTRIES = 3
-HISTORY = 50  # finished deployment ids remembered, so a redelivered command is not run twice
+HISTORY = 200  # finished deployments whose outcome is kept, so a redelivered command is answered, not run twice
+CANCELS = 200  # cancelled deployment ids remembered (a cancel may arrive before its deploy command)
 
 
 class State(str, Enum):
@@ -67,7 +83,9 @@ class State(str, Enum):
 class Event(str, Enum):
     SUCCESS = "success"
     REJECT = "reject"  # the bundle's content is not acceptable (a BundleError): nothing was installed
-    FAILURE = "failure"  # anything else went wrong (network, disk, health check, a bug)
+    STORAGE = "storage"  # the disk refused a write or read (full, read-only, I/O error)
+    CANCEL = "cancel"  # the fleet cancelled the deployment; checked before the handler runs
+    FAILURE = "failure"  # anything else went wrong (network, health check, a bug)
 
 
 S, E, U = State, Event, UpdateState
@@ -77,20 +95,33 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, UpdateState | None]] = {
     (S.DOWNLOAD, E.SUCCESS): (S.VERIFY, None),
     (S.DOWNLOAD, E.REJECT): (S.CLEANUP, U.REJECTED),
     (S.DOWNLOAD, E.FAILURE): (S.CLEANUP, U.FAILED),
+    (S.DOWNLOAD, E.STORAGE): (S.CLEANUP, U.FAILED),
+    (S.DOWNLOAD, E.CANCEL): (S.CLEANUP, U.FAILED),
     (S.VERIFY, E.SUCCESS): (S.INSTALL, None),
     (S.VERIFY, E.REJECT): (S.CLEANUP, U.REJECTED),
     (S.VERIFY, E.FAILURE): (S.CLEANUP, U.FAILED),
+    (S.VERIFY, E.STORAGE): (S.CLEANUP, U.FAILED),
+    (S.VERIFY, E.CANCEL): (S.CLEANUP, U.FAILED),
     (S.INSTALL, E.SUCCESS): (S.HEALTH_CHECK, None),
     (S.INSTALL, E.FAILURE): (S.ROLLBACK, None),
+    (S.INSTALL, E.STORAGE): (S.ROLLBACK, U.FAILED),
+    (S.INSTALL, E.CANCEL): (S.CLEANUP, U.FAILED),  # checked before the install handler: nothing was installed
     (S.HEALTH_CHECK, E.SUCCESS): (S.COMMIT, None),
     (S.HEALTH_CHECK, E.FAILURE): (S.ROLLBACK, None),
+    (S.HEALTH_CHECK, E.STORAGE): (S.ROLLBACK, U.FAILED),
     (S.COMMIT, E.SUCCESS): (S.CLEANUP, U.ACTIVE),
     (S.COMMIT, E.FAILURE): (S.ROLLBACK, None),
+    (S.COMMIT, E.STORAGE): (S.ROLLBACK, U.FAILED),
     (S.ROLLBACK, E.SUCCESS): (S.CLEANUP, U.ROLLED_BACK),
     (S.ROLLBACK, E.FAILURE): (S.CLEANUP, U.FAILED),
+    (S.ROLLBACK, E.STORAGE): (S.CLEANUP, U.FAILED),
     (S.CLEANUP, E.SUCCESS): (S.IDLE, None),
     (S.CLEANUP, E.FAILURE): (S.IDLE, None),
+    (S.CLEANUP, E.STORAGE): (S.IDLE, None),
 }
+# states a cancel (or the agent stopping) may end before their handler runs: nothing was installed yet
+CANCELLABLE = (S.DOWNLOAD, S.VERIFY, S.INSTALL)
+INTERRUPTIBLE = (S.DOWNLOAD, S.VERIFY)  # on stop: left for the restart, which runs the step again
 # where a restart continues from a state the agent was stopped in
 ON_RESTART: dict[State, State] = {
     S.DOWNLOAD: S.DOWNLOAD,
@@ -110,6 +141,10 @@ PROGRESS: dict[State, UpdateState] = {
 }
 
 Reporter = Callable[..., None]  # report(deployment_id=, bundle=, state=, active_version=, error_code=, detail=)
+
+
+class Interrupted(BaseException):
+    """The agent is stopping: the update in DOWNLOAD or VERIFY ends here and resumes after the restart."""
 
 
 @dataclass
@@ -162,6 +197,11 @@ class Updater:
         self.client, self.report, self.clock = client, report, clock
         self._candidate: LoadedModel | None = None
         self.state = S.IDLE  # the state being run, for /metrics
+        self._lock = threading.Lock()
+        self._cancels: dict[str, None] = {}  # deployment ids the fleet cancelled, oldest first
+        self._stopping = threading.Event()
+        self._stored = True  # whether the last write of update.json succeeded
+        self.doc: dict[str, Any] = self._load()
         self.handlers: dict[State, Callable[[Record], None]] = {
             S.DOWNLOAD: self._download,
             S.VERIFY: self._verify,
@@ -175,10 +215,16 @@ class Updater:
     # -- entry points ---------------------------------------------------------------------------------------
     def resume(self) -> None:
         """After a restart: finish the update the agent was stopped in, if any."""
-        doc = self._doc()
-        if not doc.get("current"):
+        current = self.doc.get("current")
+        if not current:
+            self.store.clear_all_staging()  # no update in progress: anything in staging is a leftover
             return
-        rec = Record.from_json(doc["current"])
+        try:
+            rec = Record.from_json(current)
+            rec.ref  # noqa: B018  (a record without a usable bundle is damage too)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            self._damaged(f"state file update.json holds an unreadable update record ({type(exc).__name__}: {exc})")
+            return
         nxt = ON_RESTART.get(rec.state, S.CLEANUP)
         if nxt is S.ROLLBACK and rec.state is not S.ROLLBACK:
             rec.error_code, rec.detail = "interrupted", f"the agent stopped during {rec.state.value}; rolled back"
@@ -186,40 +232,77 @@ class Updater:
         rec.state = nxt
         self._run(rec)
 
-    def handle(self, cmd: DeployCommand) -> UpdateState | None:
-        """Run one deploy command to its end; return the outcome (None: a duplicate, ignored)."""
-        doc = self._doc()
-        if cmd.deployment_id in doc.get("history", []):
-            log.info("deployment %s already handled; ignoring the redelivered command", cmd.deployment_id)
+    def handle(self, cmd: DeployCommand | CancelCommand) -> UpdateState | None:
+        """Run one deploy command to its end; return the outcome (None: a duplicate, answered with its outcome
+        again, or a cancel command)."""
+        if isinstance(cmd, CancelCommand):
+            self.cancel(cmd.deployment_id)
+            return None
+        done = self._finished(cmd.deployment_id)
+        if done is not None:
+            log.info("deployment %s already finished; sending its outcome again", cmd.deployment_id)
+            if done:
+                self._resend(done)
             return None
         ref = ModelRef(cmd.bundle.name, cmd.bundle.version)
+        rec = Record(cmd.deployment_id, cmd.bundle.model_dump(mode="json"), S.DOWNLOAD, self.store.snapshot())
+        if self._take_cancel(cmd.deployment_id):
+            return self._end_unrun(rec, UpdateCancelledError("cancelled by the fleet before it started"))
         active = self.store.active()
         self.report(deployment_id=cmd.deployment_id, bundle=cmd.bundle, state=U.RECEIVED, active_version=_v(active))
-        if active == ref and self.runtime.current is not None:
-            self.report(deployment_id=cmd.deployment_id, bundle=cmd.bundle, state=U.ACTIVE, active_version=ref.version,
-                        detail="already active")
-            self._remember(cmd.deployment_id)
-            return U.ACTIVE
-        rec = Record(cmd.deployment_id, cmd.bundle.model_dump(mode="json"), S.DOWNLOAD, self.store.snapshot())
+        current = self.runtime.current
+        if active == ref and current is not None and current.ref == ref:
+            problem = self.store.inspect(ref, hashes=self.limits.check_hashes)
+            if problem is None:
+                self.report(deployment_id=cmd.deployment_id, bundle=cmd.bundle, state=U.ACTIVE,
+                            active_version=ref.version, detail="already active")
+                rec.outcome, rec.detail = U.ACTIVE, "already active"
+                self._remember(rec)
+                return U.ACTIVE
+            log.warning("%s v%s is active but its files are damaged (%s): installing it again", ref.name,
+                        ref.version, problem)
         return self._run(rec)
+
+    def supersede(self, cmd: DeployCommand, by: DeployCommand) -> UpdateState:
+        """A queued command that a newer deployment of the same bundle replaced: answer it without running it."""
+        rec = Record(cmd.deployment_id, cmd.bundle.model_dump(mode="json"), S.DOWNLOAD, {})
+        err = SupersededError(f"replaced by deployment {by.deployment_id} ({by.bundle.name} v{by.bundle.version}) "
+                              "before it started")
+        return self._end_unrun(rec, err)
+
+    def cancel(self, deployment_id: str) -> None:
+        """Ask for `deployment_id` to stop before its install (thread-safe; a later deploy command is cancelled)."""
+        with self._lock:
+            self._cancels[deployment_id] = None
+            while len(self._cancels) > CANCELS:
+                self._cancels.pop(next(iter(self._cancels)))
+
+    def stop(self) -> None:
+        """The agent is stopping: interrupt a download or verification (it resumes after the restart)."""
+        self._stopping.set()
+
+    def finished(self, deployment_id: str) -> bool:
+        return self._finished(deployment_id) is not None
 
     # -- the machine ----------------------------------------------------------------------------------------
     def _run(self, rec: Record) -> UpdateState | None:
-        while rec.state is not S.IDLE:
-            entries = rec.entries or {}
-            entries[rec.state.value] = entries.get(rec.state.value, 0) + 1
-            rec.entries = entries
-            self._persist(rec)
-            self.state = rec.state
-            if rec.state in PROGRESS:
-                self._send(rec, PROGRESS[rec.state])
-            event = self._step(rec, entries[rec.state.value])
-            nxt, outcome = TRANSITIONS[(rec.state, event)]
-            if outcome is not None:
-                rec.outcome = outcome
-            log.info("update %s: %s --%s--> %s", rec.deployment_id, rec.state.value, event.value, nxt.value)
-            rec.state = nxt
-        self.state = S.IDLE
+        try:
+            while rec.state is not S.IDLE:
+                entries = rec.entries or {}
+                entries[rec.state.value] = entries.get(rec.state.value, 0) + 1
+                rec.entries = entries
+                self._persist(rec)
+                self.state = rec.state
+                if rec.state in PROGRESS:
+                    self._send(rec, PROGRESS[rec.state])
+                event = self._step(rec, entries[rec.state.value])
+                nxt, outcome = TRANSITIONS[(rec.state, event)]
+                if outcome is not None and rec.outcome is None:
+                    rec.outcome = outcome
+                log.info("update %s: %s --%s--> %s", rec.deployment_id, rec.state.value, event.value, nxt.value)
+                rec.state = nxt
+        finally:
+            self.state = S.IDLE
         self._finish(rec)
         return rec.outcome
 
@@ -227,23 +310,39 @@ class Updater:
         if entered > MAX_ENTRIES:
             rec.error_code, rec.detail = "state_loop", f"{rec.state.value} entered {entered} times; giving up"
             return E.FAILURE
-        event = E.FAILURE
         try:
+            self._check(rec)
             self.handlers[rec.state](rec)
             return E.SUCCESS
+        except UpdateCancelledError as exc:
+            err_code, detail, event = exc.code, str(exc), E.CANCEL
         except BundleError as exc:
-            err_code, detail = exc.code, str(exc)
-            event = E.REJECT if (rec.state, E.REJECT) in TRANSITIONS else E.FAILURE
+            err_code, detail, event = exc.code, str(exc), E.REJECT
+        except StorageError as exc:
+            err_code, detail, event = exc.code, str(exc), E.STORAGE
         except SlmopsError as exc:
-            err_code, detail = exc.code, str(exc)
-        except Exception as exc:  # a bug or an OS error must still end in a report, never a dead agent
+            err_code, detail, event = exc.code, str(exc), E.FAILURE
+        except OSError as exc:  # the disk refused: full, read-only, an I/O error
+            err = storage_error(exc, f"{rec.state.value} ({exc.filename or 'data folder'})")
+            log.error("update %s: %s", rec.deployment_id, err)
+            err_code, detail, event = err.code, str(err), E.STORAGE
+        except Exception as exc:  # a bug must still end in a report, never a dead agent
             log.exception("update %s: %s failed", rec.deployment_id, rec.state.value)
-            err_code, detail = "internal", f"{type(exc).__name__}: {exc}"
+            err_code, detail, event = "internal", f"{type(exc).__name__}: {exc}", E.FAILURE
+        if (rec.state, event) not in TRANSITIONS:
+            event = E.FAILURE
         if rec.state in (S.ROLLBACK, S.CLEANUP) and rec.error_code:
             rec.detail += f"; then {rec.state.value} failed: {detail}"
         else:
             rec.error_code, rec.detail = err_code, detail
         return event
+
+    def _check(self, rec: Record) -> None:
+        """Raise when this update is cancelled (or the agent stops) and its state may still end here."""
+        if rec.state in INTERRUPTIBLE and self._stopping.is_set():
+            raise Interrupted(rec.deployment_id)
+        if rec.state in CANCELLABLE and self._is_cancelled(rec.deployment_id):
+            raise UpdateCancelledError(f"cancelled by the fleet during {rec.state.value}; nothing was installed")
 
     # -- handlers: each idempotent, each returns normally or raises ----------------------------------------
     def _download(self, rec: Record) -> None:
@@ -255,8 +354,11 @@ class Updater:
             max_bytes=self.limits.max_bundle_bytes,
             attempts=self.limits.download_attempts,
             timeout_s=self.limits.download_timeout_s,
+            deadline_s=self.limits.download_deadline_s,
+            min_rate_bps=self.limits.download_min_rate_bps,
+            rate_window_s=self.limits.download_rate_window_s,
+            check=lambda: self._check(rec),
         )
-
     def _verify(self, rec: Record) -> None:
         path = self._bundle_file(rec)
         with path.open("rb") as f:
@@ -287,7 +389,7 @@ class Updater:
         rec.manifest = manifest.to_signed()
 
     def _install(self, rec: Record) -> None:
-        self.store.install(self._unpacked(rec), rec.ref)
+        self.store.install(self._unpacked(rec), rec.ref, rec.manifest)
 
     def _health_check(self, rec: Record) -> None:
         manifest = self._manifest(rec)
@@ -314,26 +416,51 @@ class Updater:
             self.runtime.swap(self.runtime.load(self.store.version_dir(want), want))
 
     def _cleanup(self, rec: Record) -> None:
-        self.store.clear_staging(rec.deployment_id)
+        self.store.clear_staging(rec.deployment_id)  # best effort: rmtree ignores errors
         if rec.outcome is not U.ACTIVE:
-            self.store.remove_version(rec.ref)
+            self.store.remove_version(rec.ref)  # never the active or previous version
         self.store.prune()
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _finish(self, rec: Record) -> None:
         self._send(rec, rec.outcome or U.FAILED)
-        self._remember(rec.deployment_id)
+        rec.outcome = rec.outcome or U.FAILED
+        self._remember(rec)
+
+    def _end_unrun(self, rec: Record, err: UpdateCancelledError) -> UpdateState:
+        """Answer a command that never ran (cancelled or superseded): one terminal report, remembered."""
+        rec.outcome, rec.error_code, rec.detail = U.FAILED, err.code, str(err)
+        log.info("deployment %s: %s", rec.deployment_id, err)
+        self._send(rec, U.FAILED)
+        self._remember(rec)
+        return U.FAILED
 
     def _send(self, rec: Record, state: UpdateState) -> None:
         terminal = state.terminal
-        self.report(
-            deployment_id=rec.deployment_id,
-            bundle=BundleRef.model_validate(rec.bundle),
-            state=state,
-            active_version=_v(self.store.active()) if terminal else None,
-            error_code=rec.error_code if terminal and state is not U.ACTIVE else None,
-            detail=rec.detail if terminal else "",
-        )
+        try:
+            self.report(
+                deployment_id=rec.deployment_id,
+                bundle=BundleRef.model_validate(rec.bundle),
+                state=state,
+                active_version=_v(self.store.active()) if terminal else None,
+                error_code=rec.error_code if terminal and state is not U.ACTIVE else None,
+                detail=rec.detail if terminal else "",
+            )
+        except Exception:  # a report that cannot be sent must not stop the update
+            log.exception("update %s: could not send the %s report", rec.deployment_id, state.value)
+
+    def _resend(self, done: dict[str, Any]) -> None:
+        try:
+            self.report(
+                deployment_id=done["deployment_id"],
+                bundle=BundleRef.model_validate(done["bundle"]),
+                state=UpdateState(done["state"]),
+                active_version=done.get("active_version"),
+                error_code=done.get("error_code"),
+                detail=done.get("detail", ""),
+            )
+        except Exception:
+            log.exception("could not send the outcome of deployment %s again", done.get("deployment_id"))
 
     def _manifest(self, rec: Record) -> Manifest:
         if rec.manifest is None:
@@ -346,19 +473,83 @@ class Updater:
     def _unpacked(self, rec: Record) -> Path:
         return self.store.staging(rec.deployment_id) / "model"
 
-    def _doc(self) -> dict[str, Any]:
-        return read_json(self.store.update_file) or {}
+    # -- the record: in memory, written through to update.json when the disk allows ------------------------
+    def _load(self) -> dict[str, Any]:
+        try:
+            doc = read_json(self.store.update_file)
+        except StateDamagedError as exc:
+            return self._damaged(str(exc))
+        if doc is None:
+            return {"current": None, "history": []}
+        if not isinstance(doc, dict) or not isinstance(doc.get("history", []), list):
+            return self._damaged("state file update.json does not hold an update record")
+        doc.setdefault("history", [])
+        return doc
+
+    def _damaged(self, why: str) -> dict[str, Any]:
+        """update.json is unreadable: no update is in progress; clear staging, note it for the start-up report."""
+        what = f"{why}; treated as no update in progress, staging cleared"
+        log.error("%s", what)
+        self.store.notes.append(("state_damaged", what))
+        self.store.clear_all_staging()
+        self.doc = {"current": None, "history": []}
+        self._write()
+        return self.doc
+
+    def _write(self) -> None:
+        try:
+            write_json_atomic(self.store.update_file, self.doc)
+            if not self._stored:
+                log.warning("update record stored on disk again")
+            self._stored = True
+        except OSError as exc:
+            if self._stored:
+                log.error("cannot store the update record (%s); keeping it in memory", storage_error(exc, "update.json"))
+            self._stored = False
 
     def _persist(self, rec: Record) -> None:
-        doc = self._doc()
-        doc["current"] = rec.to_json()
-        write_json_atomic(self.store.update_file, doc)
+        self.doc["current"] = rec.to_json()
+        self._write()
 
-    def _remember(self, deployment_id: str) -> None:
-        doc = self._doc()
-        doc["current"] = None
-        doc["history"] = (doc.get("history", []) + [deployment_id])[-HISTORY:]
-        write_json_atomic(self.store.update_file, doc)
+    def _remember(self, rec: Record) -> None:
+        """Forget the record; keep the deployment's outcome so a redelivered command gets it again."""
+        entry = {
+            "deployment_id": rec.deployment_id,
+            "bundle": rec.bundle,
+            "state": (rec.outcome or U.FAILED).value,
+            "error_code": rec.error_code if rec.outcome is not U.ACTIVE else None,
+            "detail": rec.detail,
+            "active_version": _v(self.store.active()),
+        }
+        history = [h for h in self.doc.get("history", []) if _entry_id(h) != rec.deployment_id]
+        self.doc["current"] = None
+        self.doc["history"] = (history + [entry])[-HISTORY:]
+        with self._lock:
+            self._cancels.pop(rec.deployment_id, None)
+        self._write()
+
+    def _finished(self, deployment_id: str) -> dict[str, Any] | None:
+        for h in reversed(self.doc.get("history", [])):
+            if _entry_id(h) == deployment_id:
+                if isinstance(h, dict) and {"bundle", "state"} <= h.keys():
+                    return h
+                return {}  # remembered by an older agent without its outcome: ignored, as then
+        return None
+
+    def _is_cancelled(self, deployment_id: str) -> bool:
+        with self._lock:
+            return deployment_id in self._cancels
+
+    def _take_cancel(self, deployment_id: str) -> bool:
+        with self._lock:
+            if deployment_id not in self._cancels:
+                return False
+            del self._cancels[deployment_id]
+            return True
+
+
+def _entry_id(h: Any) -> Any:
+    return h.get("deployment_id") if isinstance(h, dict) else h
 
 
 def _v(ref: ModelRef | None) -> int | None:

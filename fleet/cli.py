@@ -62,6 +62,7 @@ def serve(
     database_url: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL (default: SQLite in data dir)")] = None,
     broker_url: Annotated[Optional[str], typer.Option(help="mqtt://host:port or mqtt5://...; default: embedded")] = None,
     broker_port: Annotated[Optional[int], typer.Option(help="port of the embedded MQTT broker")] = None,
+    reconnect_max: Annotated[Optional[float], typer.Option(help="longest wait in seconds between tries to reach the broker")] = None,
     trusted_key: Annotated[Optional[list[Path]], typer.Option(help=".pub file uploads must be signed by")] = None,
 ) -> None:
     """Run the fleet: HTTP API, MQTT messaging and (unless --broker-url) an embedded broker. Ctrl-C stops it."""
@@ -82,6 +83,7 @@ def serve(
             "database_url": database_url,
             "broker_url": broker_url,
             "embedded_broker_port": broker_port,
+            "reconnect_max_s": reconnect_max,
             "trusted_keys": trusted_key or None,
         }
         try:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
 from protocol.manifest import Manifest
@@ -29,6 +30,8 @@ from .models import (
     TelemetrySample,
 )
 
+_UPSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}  # dialects with INSERT ... ON CONFLICT DO NOTHING
+
 # ---- devices ------------------------------------------------------------------------------------------------
 
 
@@ -37,12 +40,20 @@ def get_device(s: Session, *, device_id: str) -> Device | None:
 
 
 def ensure_device(s: Session, *, device_id: str, now: datetime) -> Device:
+    """The device row, created if missing. An upsert where the database has one, so a registration through the API
+    and the device's first MQTT message, arriving together, both succeed."""
     device = s.get(Device, device_id)
-    if device is None:
-        device = Device(id=device_id, registered_at=now, online=False, agent_version="")
+    if device is not None:
+        return device
+    values = dict(id=device_id, registered_at=now, online=False, agent_version="")
+    insert = _UPSERT.get(s.get_bind().dialect.name)
+    if insert is None:
+        device = Device(**values)
         s.add(device)
         s.flush()
-    return device
+        return device
+    s.execute(insert(Device).values(**values).on_conflict_do_nothing(index_elements=["id"]))
+    return s.get_one(Device, device_id, populate_existing=True)
 
 
 def heard_from(s: Session, *, device_id: str, now: datetime) -> Device:
@@ -89,10 +100,19 @@ def record_presence(s: Session, *, msg: Presence, now: datetime) -> Device:
     return device
 
 
-def record_telemetry(s: Session, *, msg: Telemetry, now: datetime) -> TelemetrySample:
+def record_telemetry(s: Session, *, msg: Telemetry, now: datetime) -> bool:
+    """Store a sample once per message_id; False if it was stored before (a QoS 1 redelivery or an outbox re-send).
+
+    One INSERT ... ON CONFLICT (message_id) DO NOTHING on SQLite and PostgreSQL, so two replicas (or two threads)
+    ingesting the same redelivered sample at once store it once and neither fails. Other databases check first
+    and rely on the unique constraint (an IntegrityError the caller treats as a duplicate).
+    """
     heard_from(s, device_id=msg.device_id, now=now)
-    sample = TelemetrySample(
+    values = dict(
         device_id=msg.device_id,
+        message_id=msg.message_id,
+        seq=msg.seq,
+        sent_at=msg.sent_at,
         received_at=now,
         uptime_s=msg.uptime_s,
         requests_total=msg.requests_total,
@@ -102,8 +122,15 @@ def record_telemetry(s: Session, *, msg: Telemetry, now: datetime) -> TelemetryS
         memory_rss_mb=msg.memory_rss_mb,
         memory_percent=msg.memory_percent,
     )
-    s.add(sample)
-    return sample
+    dialect = s.get_bind().dialect.name
+    if dialect in _UPSERT:
+        stmt = _UPSERT[dialect](TelemetrySample).values(**values).on_conflict_do_nothing(index_elements=["message_id"])
+        return s.execute(stmt).rowcount == 1
+    if s.scalar(select(TelemetrySample.id).where(TelemetrySample.message_id == msg.message_id)) is not None:
+        return False
+    s.add(TelemetrySample(**values))
+    s.flush()
+    return True
 
 
 def record_status(s: Session, *, msg: StatusReport, now: datetime) -> StatusReportRow | None:

@@ -1,7 +1,7 @@
 """MQTT in and out of the fleet: deploy commands out; status, telemetry and presence in.
 
 Workflow: `FleetMessaging(settings, sessions).start()` connects a paho-mqtt 2.x client (its own network thread,
-reconnects by itself) with a stable client id and a persistent session, and on every (re)connect subscribes at
+reconnects by itself, waiting 1 s and then twice as long after each failed try, at most `reconnect_max_s`) with a stable client id and a persistent session, and on every (re)connect subscribes at
 QoS 1 to the status, telemetry and presence wildcards of `protocol.topics`. `wait_connected()` returns once the
 broker has acknowledged those subscriptions.
 
@@ -10,7 +10,8 @@ Each inbound payload becomes a typed message with `protocol.messages.parse_messa
 the wrong channel is logged with the reason and dropped. Whatever else handling one message raises (a bug, the
 database) is logged on one line (topic and error, both cut short; never the payload) and that message is dropped:
 paho's network thread must outlive any payload. Valid ones are written in one transaction each through
-`fleet.crud`; a status report already stored (same message_id, a QoS 1 redelivery) is skipped. A device that comes online gets its unfinished deploy command
+`fleet.crud`; a status report or telemetry sample already stored (same message_id: a QoS 1 redelivery, or a
+sample the device's outbox sent again) is skipped. A device that comes online gets its unfinished deploy command
 again (see `fleet.deployments.commands_to_resend`). `publish_deploy` sends a `DeployCommand` at QoS 1, not
 retained, to `protocol.topics.cmd(device_id)`; paho queues it while the broker is away.
 
@@ -76,6 +77,7 @@ class FleetMessaging:
         )
         if addr.tls:
             client.tls_set()
+        client.reconnect_delay_set(min(1.0, settings.reconnect_max_s), settings.reconnect_max_s)  # type: ignore[arg-type]
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
@@ -146,7 +148,8 @@ class FleetMessaging:
                 if crud.record_status(s, msg=msg, now=now) is None:
                     log.info("dropped duplicate status %s from %s", msg.message_id, msg.device_id)
             elif isinstance(msg, Telemetry):
-                crud.record_telemetry(s, msg=msg, now=now)
+                if not crud.record_telemetry(s, msg=msg, now=now):
+                    log.debug("dropped duplicate telemetry %s from %s", msg.message_id, msg.device_id)
             else:
                 crud.record_presence(s, msg=msg, now=now)
                 if msg.online:

@@ -7,7 +7,7 @@
     deployment_targets  each target device's desired bundle and the last state it reported for it
     commands            every deploy command sent; its autoincrement id is the command's `seq`
     status_reports      append-only history of what devices reported (deduplicated by message_id)
-    telemetry_samples   numeric health samples
+    telemetry_samples   numeric health samples (deduplicated by message_id)
 
 Timestamps are stored as naive UTC and come back timezone-aware (`UTCDateTime`), on SQLite and PostgreSQL alike.
 """
@@ -140,7 +140,7 @@ class StatusReportRow(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
-    deployment_id: Mapped[str] = mapped_column(String(64), index=True)
+    deployment_id: Mapped[str] = mapped_column(String(128), index=True)  # protocol: 1-128 chars
     bundle_name: Mapped[str] = mapped_column(String(64))
     bundle_version: Mapped[int]
     state: Mapped[str] = mapped_column(String(32))
@@ -148,7 +148,7 @@ class StatusReportRow(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text, default="")
     seq: Mapped[int]
-    message_id: Mapped[str] = mapped_column(String(64), unique=True)
+    message_id: Mapped[str] = mapped_column(String(128), unique=True)  # protocol: 1-128 chars
     sent_at: Mapped[datetime]
     received_at: Mapped[datetime]
 
@@ -159,7 +159,10 @@ class TelemetrySample(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
-    received_at: Mapped[datetime]
+    message_id: Mapped[str] = mapped_column(String(128), unique=True)  # a QoS 1 redelivery is stored once
+    seq: Mapped[int]
+    sent_at: Mapped[datetime]  # when the device sampled it; later than received_at only by clock skew
+    received_at: Mapped[datetime]  # a sample that waited in the device's outbox arrives late
     uptime_s: Mapped[float]
     requests_total: Mapped[int]
     tokens_generated_total: Mapped[int]

@@ -131,6 +131,60 @@ class DownloadError(TransportError):
     code = "download"
 
 
+class DownloadTooSlowError(DownloadError):
+    """A download's average rate over the device's window stayed under its minimum rate."""
+
+    code = "download_too_slow"
+
+
+class DownloadDeadlineError(DownloadError):
+    """A download did not finish within the device's overall download deadline."""
+
+    code = "download_deadline"
+
+
+class StorageError(SlmopsError):
+    """The device's disk refused a read or write (an I/O error); nothing was switched."""
+
+    code = "io_error"
+
+
+class DiskFullError(StorageError):
+    """The device's disk (or the agent's quota on it) is full."""
+
+    code = "disk_full"
+
+
+class ReadOnlyError(StorageError):
+    """The device's data folder is on a read-only (or write-protected) file system."""
+
+    code = "read_only"
+
+
+class StateDamagedError(SlmopsError):
+    """A state file of the agent was empty or unreadable and was rebuilt from what is on disk."""
+
+    code = "state_damaged"
+
+
+class ModelDamagedError(SlmopsError):
+    """An installed model's files are missing or differ from its verified manifest."""
+
+    code = "model_damaged"
+
+
+class UpdateCancelledError(SlmopsError):
+    """The fleet cancelled the deployment before its install began; nothing was installed."""
+
+    code = "cancelled"
+
+
+class SupersededError(UpdateCancelledError):
+    """A newer deployment of the same bundle arrived while this one waited; it was not run."""
+
+    code = "superseded"
+
+
 class HealthCheckError(SlmopsError):
     """A newly installed model failed its health check (load, smoke prompt, time limit)."""
 

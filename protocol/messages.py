@@ -1,7 +1,7 @@
 """Typed MQTT messages with a schema version, a sequence number and room for signatures.
 
 Every message is a JSON object with a common header:
-    kind            which message ("deploy", "status", "telemetry", "presence")
+    kind            which message ("deploy", "cancel", "status", "telemetry", "presence")
     schema_version  integer; a receiver refuses versions it does not know
     message_id      unique id, for de-duplication of QoS 1 redelivery
     seq             per-sender counter that only grows; a receiver drops what it has already seen
@@ -134,6 +134,14 @@ class DeployCommand(_Message):
     bundle: BundleRef
 
 
+class CancelCommand(_Message):
+    """Fleet -> device: stop this deployment if its install has not begun (answered with a terminal report)."""
+
+    kind: Literal["cancel"] = "cancel"
+    deployment_id: DeploymentId
+    device_id: DeviceId
+
+
 class StatusReport(_Message):
     """Device -> fleet: a step of an update, with the reason when it failed."""
 
@@ -179,11 +187,13 @@ class Presence(_Message):
     active: ActiveModel | None = None
 
 
-Message = Annotated[Union[DeployCommand, StatusReport, Telemetry, Presence], Field(discriminator="kind")]
+Message = Annotated[
+    Union[DeployCommand, CancelCommand, StatusReport, Telemetry, Presence], Field(discriminator="kind")
+]
 _ADAPTER: TypeAdapter = TypeAdapter(Message)
 
 
-def parse_message(payload: bytes) -> DeployCommand | StatusReport | Telemetry | Presence:
+def parse_message(payload: bytes) -> DeployCommand | CancelCommand | StatusReport | Telemetry | Presence:
     """Bytes from the wire -> a typed message, or MessageError saying what is wrong.
 
     The size is checked before anything is parsed; JSON that Python refuses to build (a number past the int-string

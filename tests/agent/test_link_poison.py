@@ -157,3 +157,14 @@ def test_retained_poison_waiting_at_start_does_not_stop_the_link(rig: Rig, caplo
     rig.publish(command(1))
     wait_until(lambda: len(rig.got) == 1, what="the valid command after the retained poison")
     assert rig.got[0].deployment_id == "dep-1"
+
+
+def test_a_cancel_command_reaches_the_agent_and_one_for_another_device_does_not(rig: Rig) -> None:
+    from protocol.messages import CancelCommand
+
+    rig.start_link()
+    now = datetime.now(timezone.utc)
+    rig.publish(encode(CancelCommand(deployment_id="dep-9", device_id="dev-2", sent_at=now)))
+    rig.publish(encode(CancelCommand(deployment_id="dep-9", device_id=DEVICE, sent_at=now)))
+    wait_until(lambda: rig.got, what="the cancel command")
+    assert [(type(m).__name__, m.deployment_id, m.device_id) for m in rig.got] == [("CancelCommand", "dep-9", DEVICE)]

@@ -12,6 +12,7 @@ import json
 import queue
 import tarfile
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -274,6 +275,9 @@ def test_requests_in_a_loop_across_a_model_update_all_succeed(rig):
     for t in threads:
         t.start()
     try:
+        deadline = time.monotonic() + 30
+        while len(served) < 4 and not failures and time.monotonic() < deadline:  # the loop runs before the update
+            time.sleep(0.02)
         reports = rig.deploy(bundle, before + 1)
         n = len(served)
         while len(served) < n + 10 and not failures:  # keep asking a little after the switch
