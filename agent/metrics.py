@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily, StateSetMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, StateSetMetricFamily
 
 disable_created_metrics()  # the *_created series double the page and say nothing a scraper needs
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -47,6 +47,19 @@ class _UpdateState:
         yield states
 
 
+class _Outbox:
+    """The telemetry outbox: samples waiting for the broker and samples dropped to stay within its bounds."""
+
+    def __init__(self, pending: Callable[[], int], dropped: Callable[[], int]) -> None:
+        self.pending, self.dropped = pending, dropped
+
+    def collect(self):
+        yield GaugeMetricFamily("slmops_agent_telemetry_pending", "Telemetry samples waiting in the outbox",
+                                value=self.pending())
+        yield CounterMetricFamily("slmops_agent_telemetry_dropped", "Telemetry samples dropped, oldest first, "
+                                  "because the outbox was full", value=self.dropped())
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -73,6 +86,10 @@ class Metrics:
     def watch_updates(self, state: Callable[[], str]) -> None:
         """Report the update state, read when scraped."""
         self.registry.register(_UpdateState(state))
+
+    def watch_outbox(self, pending: Callable[[], int], dropped: Callable[[], int]) -> None:
+        """Report the telemetry outbox's size and drops, read when scraped."""
+        self.registry.register(_Outbox(pending, dropped))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -83,8 +83,10 @@ class Agent:
         self._start_api()
         self.link.start()
         self._spawn(self._work, "slmops-updates")
+        outbox = Outbox(self.store.root / "outbox")
+        self.metrics.watch_outbox(lambda: len(outbox), lambda: outbox.dropped)
         self._forwarder = telemetry.Forwarder(  # QoS 1 through <data_dir>/outbox/, removed once acknowledged
-            Outbox(self.store.root / "outbox"),
+            outbox,
             lambda payload: self.link.publish_bytes(topics.telemetry(self.config.device_id), payload, qos=1),
             self.link.connected.is_set,
         )

@@ -196,6 +196,7 @@ def test_no_sample_is_lost_or_stored_twice_across_a_one_minute_outage(tmp_path: 
         time.sleep(OUTAGE_S)
         waiting = len(outbox)
         assert len(made) - before >= OUTAGE_S - 5 and waiting >= OUTAGE_S - 5, (len(made), before, waiting)
+        assert agent.metrics.registry.get_sample_value("slmops_agent_telemetry_pending") >= waiting  # /metrics shows it
 
         broker.start()
         fleet_back = wait_for(lambda: fleet.connected, FLEET_RECONNECT_MAX_S + 5, "the fleet to reconnect")
@@ -212,6 +213,7 @@ def test_no_sample_is_lost_or_stored_twice_across_a_one_minute_outage(tmp_path: 
         assert len(got) == len(set(got)), "a sample was stored twice"
         assert set(got) == set(sent), (sorted(set(sent) - set(got))[:5], sorted(set(got) - set(sent))[:5])
         assert outbox.dropped == 0 and list((tmp_path / "agent" / "outbox").glob("*.msg")) == []
+        assert agent.metrics.registry.get_sample_value("slmops_agent_telemetry_dropped_total") == 0
         with db.sessions() as s:
             seqs = list(s.scalars(select(TelemetrySample.seq).order_by(TelemetrySample.id)))
         assert seqs == sorted(seqs), "the outbox drained out of order"
