@@ -19,7 +19,7 @@ Rules (after Mender):
 - The active pointer is snapshotted when the update starts; ROLLBACK writes that snapshot back and makes the
   runtime serve the model it names. CLEANUP always runs and sends the one terminal status report.
 - A state entered more than `MAX_ENTRIES` times in one update is a loop: the step fails.
-- Each finished deployment's outcome is kept (the last `HISTORY`): a redelivered command gets the same terminal
+- Each finished deployment's outcome is kept in the journal (agent/journal.py): a redelivered command gets the same terminal
   report again and nothing runs twice.
 - A cancel (`cancel(deployment_id)`, from any thread) is checked between download chunks and before VERIFY and
   INSTALL; once INSTALL began the update runs to its end. `stop()` (the agent shutting down) interrupts DOWNLOAD and
@@ -48,7 +48,6 @@ from protocol.errors import (
     IncompatibleTargetError,
     ManifestError,
     SlmopsError,
-    StateDamagedError,
     StorageError,
     SupersededError,
     UpdateCancelledError,
@@ -61,11 +60,11 @@ from . import download, health
 from .config import Limits
 from .runtime import LoadedModel
 from .scheduler import Scheduler
-from .store import ModelRef, Store, read_json, storage_error, write_json_atomic
+from .journal import Journal
+from .store import ModelRef, Store, storage_error
 
 log = logging.getLogger("slmops.agent.update")
 MAX_ENTRIES = 3
-HISTORY = 200  # finished deployments whose outcome is kept, so a redelivered command is answered, not run twice
 CANCELS = 200  # cancelled deployment ids remembered (a cancel may arrive before its deploy command)
 
 
@@ -200,8 +199,7 @@ class Updater:
         self._lock = threading.Lock()
         self._cancels: dict[str, None] = {}  # deployment ids the fleet cancelled, oldest first
         self._stopping = threading.Event()
-        self._stored = True  # whether the last write of update.json succeeded
-        self.doc: dict[str, Any] = self._load()
+        self.journal = Journal(store)
         self.handlers: dict[State, Callable[[Record], None]] = {
             S.DOWNLOAD: self._download,
             S.VERIFY: self._verify,
@@ -215,7 +213,7 @@ class Updater:
     # -- entry points ---------------------------------------------------------------------------------------
     def resume(self) -> None:
         """After a restart: finish the update the agent was stopped in, if any."""
-        current = self.doc.get("current")
+        current = self.journal.current
         if not current:
             self.store.clear_all_staging()  # no update in progress: anything in staging is a leftover
             return
@@ -223,7 +221,7 @@ class Updater:
             rec = Record.from_json(current)
             rec.ref  # noqa: B018  (a record without a usable bundle is damage too)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            self._damaged(f"state file update.json holds an unreadable update record ({type(exc).__name__}: {exc})")
+            self.journal.damaged(f"state file update.json holds an unreadable update record ({type(exc).__name__}: {exc})")
             return
         nxt = ON_RESTART.get(rec.state, S.CLEANUP)
         if nxt is S.ROLLBACK and rec.state is not S.ROLLBACK:
@@ -238,7 +236,7 @@ class Updater:
         if isinstance(cmd, CancelCommand):
             self.cancel(cmd.deployment_id)
             return None
-        done = self._finished(cmd.deployment_id)
+        done = self.journal.finished(cmd.deployment_id)
         if done is not None:
             log.info("deployment %s already finished; sending its outcome again", cmd.deployment_id)
             if done:
@@ -282,7 +280,7 @@ class Updater:
         self._stopping.set()
 
     def finished(self, deployment_id: str) -> bool:
-        return self._finished(deployment_id) is not None
+        return self.journal.finished(deployment_id) is not None
 
     # -- the machine ----------------------------------------------------------------------------------------
     def _run(self, rec: Record) -> UpdateState | None:
@@ -473,68 +471,21 @@ class Updater:
     def _unpacked(self, rec: Record) -> Path:
         return self.store.staging(rec.deployment_id) / "model"
 
-    # -- the record: in memory, written through to update.json when the disk allows ------------------------
-    def _load(self) -> dict[str, Any]:
-        try:
-            doc = read_json(self.store.update_file)
-        except StateDamagedError as exc:
-            return self._damaged(str(exc))
-        if doc is None:
-            return {"current": None, "history": []}
-        if not isinstance(doc, dict) or not isinstance(doc.get("history", []), list):
-            return self._damaged("state file update.json does not hold an update record")
-        doc.setdefault("history", [])
-        return doc
-
-    def _damaged(self, why: str) -> dict[str, Any]:
-        """update.json is unreadable: no update is in progress; clear staging, note it for the start-up report."""
-        what = f"{why}; treated as no update in progress, staging cleared"
-        log.error("%s", what)
-        self.store.notes.append(("state_damaged", what))
-        self.store.clear_all_staging()
-        self.doc = {"current": None, "history": []}
-        self._write()
-        return self.doc
-
-    def _write(self) -> None:
-        try:
-            write_json_atomic(self.store.update_file, self.doc)
-            if not self._stored:
-                log.warning("update record stored on disk again")
-            self._stored = True
-        except OSError as exc:
-            if self._stored:
-                log.error("cannot store the update record (%s); keeping it in memory", storage_error(exc, "update.json"))
-            self._stored = False
-
     def _persist(self, rec: Record) -> None:
-        self.doc["current"] = rec.to_json()
-        self._write()
+        self.journal.persist(rec.to_json())
 
     def _remember(self, rec: Record) -> None:
         """Forget the record; keep the deployment's outcome so a redelivered command gets it again."""
-        entry = {
+        self.journal.remember({
             "deployment_id": rec.deployment_id,
             "bundle": rec.bundle,
             "state": (rec.outcome or U.FAILED).value,
             "error_code": rec.error_code if rec.outcome is not U.ACTIVE else None,
             "detail": rec.detail,
             "active_version": _v(self.store.active()),
-        }
-        history = [h for h in self.doc.get("history", []) if _entry_id(h) != rec.deployment_id]
-        self.doc["current"] = None
-        self.doc["history"] = (history + [entry])[-HISTORY:]
+        })
         with self._lock:
             self._cancels.pop(rec.deployment_id, None)
-        self._write()
-
-    def _finished(self, deployment_id: str) -> dict[str, Any] | None:
-        for h in reversed(self.doc.get("history", [])):
-            if _entry_id(h) == deployment_id:
-                if isinstance(h, dict) and {"bundle", "state"} <= h.keys():
-                    return h
-                return {}  # remembered by an older agent without its outcome: ignored, as then
-        return None
 
     def _is_cancelled(self, deployment_id: str) -> bool:
         with self._lock:
@@ -546,10 +497,6 @@ class Updater:
                 return False
             del self._cancels[deployment_id]
             return True
-
-
-def _entry_id(h: Any) -> Any:
-    return h.get("deployment_id") if isinstance(h, dict) else h
 
 
 def _v(ref: ModelRef | None) -> int | None:

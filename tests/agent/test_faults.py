@@ -152,7 +152,7 @@ def test_disk_fault_ends_failed_once_and_changes_nothing(tmp_path, served, golde
     assert end["active_version"] == 1
     assert trusted(up.store) == before  # active 1, floor 1, only v1 installed, staging empty
     assert up.runtime.current.ref == T1
-    assert up.doc["current"] is None and up.doc["history"][-1]["error_code"] == code
+    assert up.journal.doc["current"] is None and up.journal.doc["history"][-1]["error_code"] == code
     # the fleet sends the command again (on every "online"): the same answer, nothing run again
     reports.clear()
     assert up.handle(command(served, 2, "d2")) is None
@@ -170,7 +170,7 @@ def test_record_that_cannot_be_stored_is_kept_in_memory(tmp_path, served, golden
     def refuse(path, obj):
         raise OSError(err, os.strerror(err), str(path))
 
-    monkeypatch.setattr("agent.update.write_json_atomic", refuse)
+    monkeypatch.setattr("agent.journal.write_json_atomic", refuse)
     assert up.handle(command(served, 2, "d2")) is U.ACTIVE  # the update itself could write: it finishes
     assert len(terminal(reports, "d2")) == 1
     assert up.store.active() == T2 and up.store.floor("triage") == 2
