@@ -27,7 +27,15 @@ import uvicorn
 
 from protocol import topics
 from protocol.errors import SlmopsError
-from protocol.messages import ActiveModel, BundleRef, CancelCommand, DeployCommand, StatusReport, UpdateState
+from protocol.messages import (
+    MAX_DETAIL_CHARS,
+    ActiveModel,
+    BundleRef,
+    CancelCommand,
+    DeployCommand,
+    StatusReport,
+    UpdateState,
+)
 
 from . import __version__, telemetry
 from .api import create_app
@@ -294,7 +302,7 @@ class Agent:
             state=state,
             active_version=active_version,
             error_code=error_code,
-            detail=detail,
+            detail=detail if len(detail) <= MAX_DETAIL_CHARS else detail[: MAX_DETAIL_CHARS - 3] + "...",
             seq=self.seq.next(),
             sent_at=datetime.now(timezone.utc),
         )

@@ -44,6 +44,7 @@ from .topics import check_device_id
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024  # bytes: larger MQTT payloads are refused unparsed
 MAX_URL_CHARS = 2048  # characters in a bundle URL
+MAX_DETAIL_CHARS = 4096  # characters of a status report's detail; senders cut longer ones
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # deployment and message ids; always with fullmatch
 SIG_RE = re.compile(r"[0-9a-f]{128}")  # an Ed25519 signature, hex
 
@@ -152,8 +153,8 @@ class StatusReport(_Message):
     bundle_version: Version
     state: UpdateState
     active_version: Version | None = None  # what serves after this step
-    error_code: str | None = None
-    detail: str = ""
+    error_code: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]{0,63}$")  # a code from protocol.errors
+    detail: str = Field(default="", max_length=MAX_DETAIL_CHARS)  # the reason in words, for a field engineer
 
 
 class ActiveModel(BaseModel):

@@ -1,5 +1,6 @@
 """Messages and topics: typed at the edge, malformed input refused with a reason."""
 
+import json
 from datetime import datetime, timezone
 
 import pytest
@@ -68,3 +69,22 @@ def test_broker_urls():
     for bad in ("http://h", "mqtt://:1", "mqtt://h:x"):
         with pytest.raises(TopicError):
             topics.BrokerAddress.parse(bad)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("error_code", "Disk Full"), ("error_code", "disk_full\n"), ("error_code", "x" * 65), ("error_code", ""),
+    ("detail", "d" * 4097),
+])
+def test_status_report_bounds_its_error_code_and_detail(field, value):
+    from datetime import datetime, timezone
+
+    from protocol.errors import MessageError
+    from protocol.messages import StatusReport, UpdateState, encode, parse_message
+
+    good = StatusReport(device_id="d-1", deployment_id="dep-1", bundle_name="triage", bundle_version=2,
+                        state=UpdateState.FAILED, error_code="disk_full", detail="ok", sent_at=datetime.now(timezone.utc))
+    assert parse_message(encode(good)) == good
+    doc = json.loads(encode(good))
+    doc[field] = value
+    with pytest.raises(MessageError):
+        parse_message(json.dumps(doc).encode())
