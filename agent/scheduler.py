@@ -35,6 +35,7 @@ from .store import ModelRef
 
 log = logging.getLogger("slmops.agent.scheduler")
 FIRST_PIECE_WAIT_S = 0.05  # seconds a worker waits at most for a streaming handler to send the first piece
+WAKE_EVERY_S = 0.004  # seconds: a worker wakes a handler's event loop for new pieces at most this often
 
 
 class QueueFull(SlmopsError):
@@ -131,6 +132,7 @@ class Job:
     _events: collections.deque = field(default_factory=collections.deque, repr=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _wake_pending: bool = False
+    _last_wake: float = 0.0
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     _on_cancel: Callable[["Job"], None] | None = field(default=None, repr=False)
 
@@ -148,10 +150,16 @@ class Job:
         return self._cancelled.is_set()
 
     def emit(self, event: Event) -> None:
-        """From a worker: queue `event` and wake the handler's loop, once for however many events pile up."""
+        """From a worker: queue `event` and wake the handler's loop, once for however many events pile up, and for
+        pieces at most every WAKE_EVERY_S (a fast model's tokens then travel in small batches; the end, and the
+        first piece, always wake it at once)."""
         self._events.append(event)
         if self._wake_pending:
             return
+        now = time.monotonic()
+        if isinstance(event, Piece) and self._last_wake and now - self._last_wake < WAKE_EVERY_S:
+            return
+        self._last_wake = now
         self._wake_pending = True
         try:
             self.loop.call_soon_threadsafe(self._wake)
@@ -323,7 +331,8 @@ class Scheduler:
             job.emit(Failed(DeadlineExceeded(f"waited over {self.serving.request_timeout_s:g}s in the queue")))
             return
         m.running.inc()
-        started = last = self.clock()
+        started = self.clock()
+        times: list[float] = []  # when each token came; histograms are fed after the answer, off the hot loop
         stops = StopFilter(job.stops)
         hit = False
         out.finish_reason = "length"
@@ -331,13 +340,9 @@ class Scheduler:
             with contextlib.closing(job.model.steps(job.ids, job.sampling)) as steps:
                 for step in steps:
                     now = self.clock()
-                    if out.completion_tokens == 0:
-                        m.ttft.observe(now - job.admitted)
-                    else:
-                        m.itl.observe(now - last)
-                    last = now
+                    times.append(now)
                     out.completion_tokens += 1
-                    text, hit = stops.feed(step.text)
+                    text, hit = stops.feed(step.text) if stops.stops else (step.text, False)
                     out.text += text
                     job.emit(Piece(text, (step,)))
                     if job.stream and out.completion_tokens == 1:
@@ -363,6 +368,10 @@ class Scheduler:
         finally:
             m.running.dec()
             m.completion_tokens.inc(out.completion_tokens)
+            if times:
+                m.ttft.observe(times[0] - job.admitted)
+                for a, b in zip(times, times[1:]):
+                    m.itl.observe(b - a)
         tail = "" if hit else stops.flush()
         if tail:
             out.text += tail
