@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from protocol.manifest import first_error
@@ -213,9 +214,11 @@ def create_app(scheduler: Scheduler, serving: Serving | None = None, *, bind_hos
             want_lp = job.sampling.top_logprobs is not None
             if chat_mode:
                 lp = oa.chat_logprobs(m, steps) if want_lp else None
-                return JSONResponse(oa.chat_response(cid, created, m, event.completion, lp))
+                return JSONResponse(oa.chat_response(cid, created, m, event.completion, lp),
+                                    background=BackgroundTask(job.delivered.set))
             lp = oa.completion_logprobs(m, steps) if want_lp else None
-            return JSONResponse(oa.completion_response(cid, created, m, event.completion, lp))
+            return JSONResponse(oa.completion_response(cid, created, m, event.completion, lp),
+                                background=BackgroundTask(job.delivered.set))
         except asyncio.CancelledError:
             job.cancel("client_gone")
             raise
@@ -299,6 +302,7 @@ async def _chat_stream(job: Job, events: AsyncIterator, first, m: LoadedModel, i
         yield b"data: [DONE]\n\n"
     finally:
         job.first_sent.set()
+        job.delivered.set()
         job.cancel("client_gone")  # no-op when finished; otherwise the client went away mid-answer
 
 
@@ -326,4 +330,5 @@ async def _completion_stream(job: Job, events: AsyncIterator, first, m: LoadedMo
         yield b"data: [DONE]\n\n"
     finally:
         job.first_sent.set()
+        job.delivered.set()
         job.cancel("client_gone")

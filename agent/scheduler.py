@@ -34,7 +34,7 @@ from .runtime import Completion, LoadedModel, ModelNotLoaded, Sampling, Step
 from .store import ModelRef
 
 log = logging.getLogger("slmops.agent.scheduler")
-FIRST_PIECE_WAIT_S = 0.05  # seconds a worker waits at most for a streaming handler to send the first piece
+HANDOFF_WAIT_S = 0.05  # seconds a worker waits at most for a handler to send a first piece or a finished answer
 WAKE_EVERY_S = 0.004  # seconds: a worker wakes a handler's event loop for new pieces at most this often
 
 
@@ -128,7 +128,8 @@ class Job:
     completion: Completion = field(default_factory=Completion)
     cancel_reason: str | None = None
     stream: bool = False  # the handler streams: the worker lets it send the first piece before going on
-    first_sent: threading.Event = field(default_factory=threading.Event, repr=False)
+    first_sent: threading.Event = field(default_factory=threading.Event, repr=False)  # set by a streaming handler
+    delivered: threading.Event = field(default_factory=threading.Event, repr=False)  # set once the answer is sent
     _events: collections.deque = field(default_factory=collections.deque, repr=False)
     _ready: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _wake_pending: bool = False
@@ -348,7 +349,7 @@ class Scheduler:
                     if job.stream and out.completion_tokens == 1:
                         # onnxruntime-genai holds the GIL while it computes a token: pause so the event loop can
                         # send the first piece now instead of between later tokens (time to first token)
-                        job.first_sent.wait(FIRST_PIECE_WAIT_S)
+                        job.first_sent.wait(HANDOFF_WAIT_S)
                     if hit:
                         out.finish_reason = "stop"
                         break
@@ -383,3 +384,6 @@ class Scheduler:
         if job.cancel_reason is not None:
             m.cancelled.labels(job.cancel_reason).inc()
         job.emit(Done(out))
+        if self._waiting and job.cancel_reason is None:
+            # the next prompt step holds the GIL for as long as it takes: let the handler send this answer first
+            job.delivered.wait(HANDOFF_WAIT_S)
