@@ -1,4 +1,5 @@
-# make demo: the whole story on this machine.  make test: the test suite.  Both set up .venv on first use.
+# make demo: the whole story on this machine.  make test: the test suite.  make bench: the agent inference benchmark
+# (BENCH_ARGS=--quick for a one-minute smoke run).  All set up .venv on first use.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -22,6 +23,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) -m bench.agent $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache demo-out .pytest_cache
