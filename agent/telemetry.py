@@ -89,7 +89,7 @@ class Forwarder:
         *,
         rate_per_s: float = 20.0,  # messages a second at most while draining a backlog
         window: int = 10,  # messages sent and not yet acknowledged at most
-        ack_timeout_s: float = 60.0,  # seconds of connected time before an unacknowledged message is sent again
+        ack_timeout_s: float = 10.0,  # seconds of connected time before an unacknowledged message is sent again
         tick_s: float = 0.05,  # seconds between two looks at acknowledgements while something is in flight
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -247,7 +247,8 @@ def test_deadline_ends_a_long_answer_and_the_next_request_is_served(slow_int4, t
 # -- the official openai client -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_server(tiny_int4, tmp_path_factory):
-    s = Server(Path(tiny_int4), tmp_path_factory.mktemp("tiny"), "--api-key", KEY, name="triage")
+    s = Server(Path(tiny_int4), tmp_path_factory.mktemp("tiny"), "--api-key", KEY, "--max-body-bytes", "8192",
+               "--default-max-tokens", "6", name="triage")
     yield s
     s.close()
 
@@ -310,3 +311,13 @@ def test_openai_client_errors(oai, tiny_server):
     with pytest.raises(openai.AuthenticationError):
         anonymous.models.list()
     anonymous.close()
+
+
+def test_command_line_limits_are_applied(tiny_server):
+    h = {**tiny_server.headers, "content-type": "application/json"}
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * 9000}]})
+    r = httpx.post(f"{tiny_server.url}/v1/chat/completions", content=big, headers=h, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(f"{tiny_server.url}/v1/chat/completions", headers=h, timeout=30,
+                   json={"messages": [{"role": "user", "content": "x" * 200}], "response_format": {"type": "regex", "regex": "[a-z]{50}"}})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6  # --default-max-tokens

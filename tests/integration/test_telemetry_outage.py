@@ -10,6 +10,7 @@ agent reaches it through a `Gate` that lets it in only once the fleet has subscr
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import threading
@@ -54,7 +55,10 @@ class RestartableBroker:
     def start(self) -> None:
         if self.kind == "mosquitto":
             conf = self.tmp / "mosquitto.conf"
-            conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            # as root mosquitto drops to its own user unless told not to, and could then not save its sessions in
+            # a root-owned temporary folder: the fleet's session (and what was queued for it) would be lost
+            stay_root = "user root\n" if os.geteuid() == 0 else ""
+            conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{stay_root}"
                             f"persistence true\npersistence_location {self.tmp}/\n")
             self._proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL)
@@ -142,12 +146,13 @@ def broker(tmp_path: Path) -> Iterator[RestartableBroker]:
         b.stop()
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> float:
-    """Seconds it took until `predicate()` held; fails the test after `timeout`."""
+def wait_for(predicate: Callable[[], object], timeout: float, what: str,
+             state: Callable[[], str] = lambda: "") -> float:
+    """Seconds it took until `predicate()` held; fails the test after `timeout`, saying `state()`."""
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+            pytest.fail(f"timed out after {timeout}s waiting for {what} {state()}")
         time.sleep(0.05)
     return time.monotonic() - start
 
@@ -198,6 +203,7 @@ def test_no_sample_is_lost_or_stored_twice_across_a_one_minute_outage(tmp_path: 
         assert len(made) - before >= OUTAGE_S - 5 and waiting >= OUTAGE_S - 5, (len(made), before, waiting)
         assert agent.metrics.registry.get_sample_value("slmops_agent_telemetry_pending") >= waiting  # /metrics shows it
 
+        after = len(made)
         broker.start()
         fleet_back = wait_for(lambda: fleet.connected, FLEET_RECONNECT_MAX_S + 5, "the fleet to reconnect")
         if gate:
@@ -206,7 +212,11 @@ def test_no_sample_is_lost_or_stored_twice_across_a_one_minute_outage(tmp_path: 
         time.sleep(2)  # a few samples made after the outage
         agent._sampler.stop()
         sent = list(made)
-        drained = wait_for(lambda: len(outbox) == 0 and len(stored()) >= len(sent), 30, "the outbox to drain")
+        drained = wait_for(lambda: len(outbox) == 0 and len(stored()) >= len(sent), 45, "the outbox to drain",
+                           lambda: f"outbox {len(outbox)}, in flight {len(agent._forwarder._inflight)}, stored "
+                                   f"{len(stored())} of {len(sent)} sent, acknowledged {agent._forwarder.sent}; "
+                                   f"missing at {[i for i, m in enumerate(sent) if m not in set(stored())]} "
+                                   f"(outage from sample {before} to {after})")
         time.sleep(1)  # let any late re-send arrive, to show it is not stored again
 
         got = stored()
