@@ -38,7 +38,7 @@ from . import openai as oa
 from .config import LOOPBACK_HOSTS, Serving
 from .metrics import CONTENT_TYPE
 from .runtime import GuidanceError, LoadedModel, ModelNotLoaded, Sampling
-from .scheduler import DeadlineExceeded, Done, Failed, Job, Piece, QueueFull, Scheduler, ShuttingDown
+from .scheduler import DeadlineExceeded, Failed, Job, Piece, QueueFull, Scheduler, ShuttingDown
 
 log = logging.getLogger("slmops.agent.api")
 OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json"})  # answered without the API key

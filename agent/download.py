@@ -15,7 +15,6 @@ the download (a cancelled deployment). Disk errors (OSError) pass through unchan
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +24,8 @@ import httpx
 
 from protocol.errors import DownloadDeadlineError, DownloadError, DownloadTooSlowError, LengthOrHashMismatchError
 from protocol.messages import BundleRef
+
+from .store import sha256_of
 
 CHUNK = 1 << 16  # bytes per read
 
@@ -127,7 +128,7 @@ def fetch(
                     check()
     else:
         raise DownloadError(f"download of {ref.url} failed after {attempts} attempt(s): {last}") from last
-    digest = _sha256(dest)
+    digest = sha256_of(dest)
     if digest != ref.sha256:
         dest.unlink(missing_ok=True)
         raise LengthOrHashMismatchError(
@@ -177,11 +178,3 @@ def _attempt(ref: BundleRef, dest: Path, client: httpx.Client, timeout_s: float,
         raise DownloadError(f"{type(exc).__name__}: {exc}") from exc
     if have != ref.size:
         raise DownloadError(f"connection closed after {have} of {ref.size} bytes")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

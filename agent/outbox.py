@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+
+from .store import write_bytes_atomic
 
 log = logging.getLogger("slmops.agent.outbox")
 
@@ -37,28 +38,6 @@ DROP_LOG_EVERY_S = 60.0  # seconds between two warnings about dropped messages
 SUFFIX = ".msg"
 
 
-def write_file(path: Path, payload: bytes) -> None:
-    """Write `payload` to `path` atomically and durably (temp file in the same folder, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # the file is written; a lost directory entry only means a re-send is possible
-
-
 class Outbox:
     def __init__(
         self,
@@ -66,7 +45,7 @@ class Outbox:
         *,
         max_items: int = MAX_ITEMS,
         max_bytes: int = MAX_BYTES,
-        write: Callable[[Path, bytes], None] = write_file,
+        write: Callable[[Path, bytes], None] = write_bytes_atomic,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_items < 1 or max_bytes < 1:

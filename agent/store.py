@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from protocol.errors import (
     StateDamagedError,
     StorageError,
 )
+from protocol.bundle import file_sha256
 from protocol.manifest import Manifest, check_name, check_version
 from protocol.messages import check_deployment_id
 from protocol.trust import check_file
@@ -65,12 +65,13 @@ class ModelRef:
         return cls(d["name"], int(d["version"])) if d else None
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically and durably: a temp file in the same folder, fsync, rename, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -78,6 +79,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
 def read_json(path: Path) -> Any | None:
@@ -297,7 +302,7 @@ class Store:
             path = folder / entry.path
             try:
                 size = path.stat().st_size
-                digest = _sha256(path) if hashes else entry.sha256
+                digest = sha256_of(path) if hashes else entry.sha256
                 check_file(entry, size, digest)
             except FileNotFoundError:
                 return f"{entry.path} is missing"
@@ -442,14 +447,6 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -475,6 +472,12 @@ def _inside(root: Path, path: Path) -> Path:
     if not path.resolve().is_relative_to(root.resolve()):
         raise IdentifierError(f"{path} resolves outside {root}; refusing to use it")
     return path
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks."""
+    with path.open("rb") as f:
+        return file_sha256(f)[0]
 
 
 def _fsync_dir(path: Path) -> None:

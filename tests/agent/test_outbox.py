@@ -17,7 +17,8 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.link import Link
-from agent.outbox import Outbox, write_file
+from agent.outbox import Outbox
+from agent.store import write_bytes_atomic as write_file
 from agent.store import SeqCounter
 from agent.telemetry import Forwarder
 from protocol.errors import ConfigError
