@@ -200,8 +200,9 @@ def create_app(scheduler: Scheduler, serving: Serving | None = None, *, bind_hos
                 return _failure(first.error)
             if req.stream:
                 watcher.cancel()  # from here Starlette's StreamingResponse watches for the hang-up
-                render = _chat_stream if chat_mode else _completion_stream
-                stream = render(job, events, first, m, bool(req.stream_options and req.stream_options.include_usage))
+                shape = oa.ChatStream if chat_mode else oa.CompletionStream
+                chunks = shape(*_ids("chatcmpl" if chat_mode else "cmpl"), m, job.sampling.top_logprobs is not None)
+                stream = _stream(job, events, first, chunks, bool(req.stream_options and req.stream_options.include_usage))
                 return StreamingResponse(stream, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             steps, event = [], first
@@ -279,56 +280,27 @@ def _sse(body: Any) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
-async def _chat_stream(job: Job, events: AsyncIterator, first, m: LoadedModel, include_usage: bool) -> AsyncIterator[bytes]:
-    cid, created = _ids("chatcmpl")
+async def _stream(job: Job, events: AsyncIterator, first, chunks, include_usage: bool) -> AsyncIterator[bytes]:
+    """Server-Sent Events for one answer: `chunks` (openai.ChatStream or CompletionStream) shapes each event."""
     want_lp = job.sampling.top_logprobs is not None
     try:
-        yield _sse(oa.chat_chunk(cid, created, m.id, {"role": "assistant", "content": ""}))
+        if (opening := chunks.opening()) is not None:
+            yield _sse(opening)
         event = first
         while isinstance(event, Piece):
             if event.text or (want_lp and event.steps):
-                lp = oa.chat_logprobs(m, event.steps) if want_lp else None
-                yield _sse(oa.chat_chunk(cid, created, m.id, {"content": event.text}, logprobs=lp))
+                yield _sse(chunks.piece(event.text, event.steps))
                 job.first_sent.set()
                 await asyncio.sleep(0)  # let a hang-up be noticed even while events are queued up
             event = await anext(events)
         if isinstance(event, Failed):
             yield _sse(json.loads(_failure(event.error).body))
             return
-        out = event.completion
-        yield _sse(oa.chat_chunk(cid, created, m.id, {}, finish_reason=oa.finish(out)))
+        yield _sse(chunks.closing(event.completion))
         if include_usage:
-            yield _sse(oa.chat_chunk(cid, created, m.id, None, usage_=oa.usage(out)))
+            yield _sse(chunks.usage(event.completion))
         yield b"data: [DONE]\n\n"
     finally:
         job.first_sent.set()
         job.delivered.set()
         job.cancel("client_gone")  # no-op when finished; otherwise the client went away mid-answer
-
-
-async def _completion_stream(job: Job, events: AsyncIterator, first, m: LoadedModel, include_usage: bool) -> AsyncIterator[bytes]:
-    cid, created = _ids("cmpl")
-    want_lp = job.sampling.top_logprobs is not None
-    offset = 0
-    try:
-        event = first
-        while isinstance(event, Piece):
-            if event.text or (want_lp and event.steps):
-                lp = oa.completion_logprobs(m, event.steps, offset) if want_lp else None
-                offset += len(event.text)
-                yield _sse(oa.completion_chunk(cid, created, m.id, event.text, logprobs=lp))
-                job.first_sent.set()
-                await asyncio.sleep(0)
-            event = await anext(events)
-        if isinstance(event, Failed):
-            yield _sse(json.loads(_failure(event.error).body))
-            return
-        out = event.completion
-        yield _sse(oa.completion_chunk(cid, created, m.id, "", finish_reason=oa.finish(out)))
-        if include_usage:
-            yield _sse(oa.completion_chunk(cid, created, m.id, None, usage_=oa.usage(out)))
-        yield b"data: [DONE]\n\n"
-    finally:
-        job.first_sent.set()
-        job.delivered.set()
-        job.cancel("client_gone")

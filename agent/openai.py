@@ -280,3 +280,45 @@ def completion_chunk(cid: str, created: int, model: str, text: str | None, *, fi
     if usage_ is not None:
         body["usage"] = usage_
     return body
+
+
+class ChatStream:
+    """The chunks of one streamed chat answer (`chat.completion.chunk`), as dicts."""
+
+    def __init__(self, cid: str, created: int, model: LoadedModel, logprobs: bool) -> None:
+        self.cid, self.created, self.model, self.logprobs = cid, created, model, logprobs
+
+    def opening(self) -> dict | None:
+        return chat_chunk(self.cid, self.created, self.model.id, {"role": "assistant", "content": ""})
+
+    def piece(self, text: str, steps: tuple[Step, ...]) -> dict:
+        lp = chat_logprobs(self.model, steps) if self.logprobs else None
+        return chat_chunk(self.cid, self.created, self.model.id, {"content": text}, logprobs=lp)
+
+    def closing(self, out: Completion) -> dict:
+        return chat_chunk(self.cid, self.created, self.model.id, {}, finish_reason=finish(out))
+
+    def usage(self, out: Completion) -> dict:
+        return chat_chunk(self.cid, self.created, self.model.id, None, usage_=usage(out))
+
+
+class CompletionStream:
+    """The chunks of one streamed legacy completion (`text_completion`), as dicts."""
+
+    def __init__(self, cid: str, created: int, model: LoadedModel, logprobs: bool) -> None:
+        self.cid, self.created, self.model, self.logprobs = cid, created, model, logprobs
+        self.offset = 0  # characters sent so far, for logprobs' text_offset
+
+    def opening(self) -> dict | None:
+        return None
+
+    def piece(self, text: str, steps: tuple[Step, ...]) -> dict:
+        lp = completion_logprobs(self.model, steps, self.offset) if self.logprobs else None
+        self.offset += len(text)
+        return completion_chunk(self.cid, self.created, self.model.id, text, logprobs=lp)
+
+    def closing(self, out: Completion) -> dict:
+        return completion_chunk(self.cid, self.created, self.model.id, "", finish_reason=finish(out))
+
+    def usage(self, out: Completion) -> dict:
+        return completion_chunk(self.cid, self.created, self.model.id, None, usage_=usage(out))

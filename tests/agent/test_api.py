@@ -400,3 +400,19 @@ def test_sampler_publishes_periodically(scheduler):
         time.sleep(0.02)
     s.stop()
     assert len(got) >= 3 and [t.seq for t in got[:3]] == [1, 2, 3]
+
+
+def test_streamed_logprobs_match_the_text_on_both_routes(client, scheduler):
+    r = chat(client, max_tokens=12, stream=True, logprobs=True, top_logprobs=1)
+    chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+    pieces = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert "".join(t["token"] for p in pieces for t in p["logprobs"]["content"]) == "".join(p["delta"]["content"] for p in pieces)
+    prompt = scheduler.current.prompt([{"role": "user", "content": LINE}])
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "logprobs": 1, "stream": True})
+    choices = [json.loads(x[6:])["choices"][0] for x in r.text.splitlines() if x.startswith("data: {")]
+    with_lp = [c for c in choices if c["logprobs"]]
+    tokens = [t for c in with_lp for t in c["logprobs"]["tokens"]]
+    offsets = [o for c in with_lp for o in c["logprobs"]["text_offset"]]
+    text = "".join(c["text"] for c in choices)
+    assert "".join(tokens) == text and len(tokens) == 12
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
