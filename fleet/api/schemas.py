@@ -8,14 +8,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from protocol.manifest import Manifest
+from protocol.errors import clip
+from protocol.manifest import BundleName, Manifest, Version
 from protocol.messages import ActiveModel
 from protocol.topics import check_device_id
 
 from ..crud import state_counts
 from ..models import Bundle, Deployment, DeploymentTarget, Device, StatusReportRow
 
-GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+GROUP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always with fullmatch: `$` lets "x\n" through
+
+
+def check_group(group: str) -> str:
+    if not isinstance(group, str) or len(group) > 64 or not GROUP_RE.fullmatch(group):
+        raise ValueError(f"group name {clip(group)} is not valid: use 1-64 letters, digits, '.', '_', '-'")
+    return group
 
 
 class DeviceCreate(BaseModel):
@@ -31,10 +38,9 @@ class DeviceCreate(BaseModel):
     @field_validator("groups")
     @classmethod
     def _groups(cls, v: list[str]) -> list[str]:
-        bad = [g for g in v if not GROUP_RE.match(g)]
-        if bad:
-            raise ValueError(f"group names {bad} are not valid: use 1-64 letters, digits, '.', '_', '-'")
-        return v
+        if len(v) > 256:
+            raise ValueError(f"{len(v)} groups; at most 256")
+        return [check_group(g) for g in v]
 
 
 class DesiredPublic(BaseModel):
@@ -152,10 +158,20 @@ class BundleDetail(BundleSummary):
 
 class DeploymentCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    bundle: str = Field(description="bundle name")
-    version: int = Field(ge=1)
+    bundle: BundleName = Field(description="bundle name")
+    version: Version
     device_id: str | None = None
     group: str | None = None
+
+    @field_validator("device_id")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        return None if v is None else check_device_id(v)
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v: str | None) -> str | None:
+        return None if v is None else check_group(v)
 
     @model_validator(mode="after")
     def _one_target(self) -> "DeploymentCreate":
