@@ -150,7 +150,7 @@ class SmokePrompt(_Frozen):
     def _regex(cls, v: str) -> str:
         try:
             re.compile(v)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:  # a repeat over 2**32-1; groups nested too deep
             raise ValueError(f"expect is not a valid regex: {exc}") from exc
         return v
 
