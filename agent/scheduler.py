@@ -270,9 +270,7 @@ class Scheduler:
         with self._cond:
             if self._closing:
                 raise ShuttingDown("the agent is stopping")
-            if len(self._waiting) >= self.serving.queue_size:
-                self.metrics.rejected.inc()
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting for the model", self._retry_after())
+            self.admit_check()
             self._waiting.append(job)
             self.metrics.queue_depth.set(len(self._waiting))
             self._cond.notify()
@@ -283,6 +281,9 @@ class Scheduler:
         if len(self._waiting) >= self.serving.queue_size:
             self.metrics.rejected.inc()
             raise QueueFull(f"{len(self._waiting)} requests are already waiting for the model", self._retry_after())
+
+    def _queue_deadline(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"waited over {self.serving.request_timeout_s:g}s in the queue")
 
     def _retry_after(self) -> int:
         ahead = len(self._waiting) + len(self._running)
@@ -298,7 +299,7 @@ class Scheduler:
         reason = job.cancel_reason or "client_gone"
         self.metrics.cancelled.labels(reason).inc()
         if reason == "deadline":
-            job.emit(Failed(DeadlineExceeded(f"waited over {self.serving.request_timeout_s:g}s in the queue")))
+            job.emit(Failed(self._queue_deadline()))
         else:
             job.emit(Failed(ShuttingDown("the agent is stopping") if reason == "shutdown" else Cancelled("cancelled")))
 
@@ -329,7 +330,7 @@ class Scheduler:
         m, out = self.metrics, job.completion
         if self.clock() > job.deadline:
             m.cancelled.labels("deadline").inc()
-            job.emit(Failed(DeadlineExceeded(f"waited over {self.serving.request_timeout_s:g}s in the queue")))
+            job.emit(Failed(self._queue_deadline()))
             return
         m.running.inc()
         started = self.clock()
