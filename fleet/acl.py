@@ -71,3 +71,13 @@ def may_subscribe(who: Principal, topic_filter: str) -> bool:
             plain = parts[2] if len(parts) == 3 and parts[1] else ""
         return plain in FLEET_SUBSCRIBES
     return topic_filter == str(topics.cmd(who.device_id))  # type: ignore[arg-type]
+
+
+class BrokerAccounts(Protocol):
+    """Keeps the broker's own account list in step with the fleet's devices (mosquitto's dynamic security); the
+    embedded broker asks the database through an `Authenticator` and only needs `remove_device` to drop a live
+    session of a revoked device."""
+
+    def add_device(self, device_id: str, password: str) -> None: ...
+
+    def remove_device(self, device_id: str) -> None: ...
