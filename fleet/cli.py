@@ -64,6 +64,10 @@ def serve(
     broker_port: Annotated[Optional[int], typer.Option(help="port of the embedded MQTT broker")] = None,
     reconnect_max: Annotated[Optional[float], typer.Option(help="longest wait in seconds between tries to reach the broker")] = None,
     trusted_key: Annotated[Optional[list[Path]], typer.Option(help=".pub file uploads must be signed by")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="PEM server certificate: serve HTTPS (slmops ca server)")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="PEM private key of --tls-cert")] = None,
+    tls_client_ca: Annotated[Optional[Path], typer.Option(help="CA file: mutual TLS, clients must present a certificate from it")] = None,
+    tls_crl: Annotated[Optional[Path], typer.Option(help="CRL of --tls-client-ca: revoked client certificates are refused")] = None,
 ) -> None:
     """Run the fleet: HTTP API, MQTT messaging and (unless --broker-url) an embedded broker. Ctrl-C stops it."""
     import logging
@@ -74,6 +78,7 @@ def serve(
 
         from .api.app import create_app
         from .settings import Settings
+        from .tls import uvicorn_config
 
         overrides: dict[str, Any] = {
             "data_dir": data_dir,
@@ -85,19 +90,28 @@ def serve(
             "embedded_broker_port": broker_port,
             "reconnect_max_s": reconnect_max,
             "trusted_keys": trusted_key or None,
+            "tls_cert_file": tls_cert,
+            "tls_key_file": tls_key,
+            "tls_client_ca_file": tls_client_ca,
+            "tls_crl_file": tls_crl,
         }
         try:
             settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
         except ValidationError as exc:
             raise ConfigError(f"bad fleet setting: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from exc
+        config = uvicorn_config(create_app(settings), settings, log_level="info")  # checks the TLS files first
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         for noisy in ("amqtt", "transitions"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         kind = "external" if settings.broker_url else "embedded"
-        out.print(f"fleet listening on http://{settings.host}:{settings.port} (devices download from {settings.public_url})")
+        mtls = " with client certificates" if settings.tls_client_ca_file else ""
+        out.print(f"fleet listening on {settings.scheme}://{settings.host}:{settings.port}{mtls} (devices download from {settings.public_url})")
         out.print(f"MQTT broker ({kind}): {settings.effective_broker_url}")
         out.print(f"data: {settings.data_dir.resolve()}  database: {settings.database_url}")
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:  # as uvicorn.run does: a port in use or a failed start-up is exit code 3
+            raise typer.Exit(3)
 
 
 @app.command()

@@ -27,3 +27,10 @@ class TooLargeError(FleetError):
     """An upload is larger than the fleet accepts."""
 
     code = "too_large"
+
+
+class PkiError(FleetError):
+    """The project CA folder cannot do what was asked: missing or damaged files, a bad name, or a validity the CA
+    cannot give."""
+
+    code = "pki"

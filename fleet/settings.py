@@ -3,7 +3,9 @@
 Workflow: `Settings()` reads the environment; fields left unset are derived from the others in one place
 (`database_url` from `data_dir`, `public_url` from `host`/`port`). `broker_url=None` means the fleet starts its
 own embedded MQTT broker on `embedded_broker_host:embedded_broker_port`; `effective_broker_url` says which one the
-fleet talks to either way.
+fleet talks to either way. `tls_cert_file` + `tls_key_file` turn on HTTPS (and make the derived `public_url`
+https); `tls_client_ca_file` adds mutual TLS (every HTTP client presents a certificate from that CA) and
+`tls_crl_file` refuses the certificates that CRL revokes (see fleet/tls.py and `slmops ca`).
 """
 
 from __future__ import annotations
@@ -32,15 +34,30 @@ class Settings(BaseSettings):
     trusted_keys: list[Path] = Field(default_factory=list)  # .pub files uploads must be signed by; empty: any signer
     trust_threshold: int = Field(default=1, ge=1)  # distinct trusted keys that must sign an upload
     max_bundle_bytes: int = Field(default=8 * GIB, ge=1)  # bytes: larger uploads are refused while they stream
+    tls_cert_file: Path | None = None  # PEM server certificate for HTTPS; None: plain HTTP
+    tls_key_file: Path | None = None  # PEM private key of tls_cert_file
+    tls_client_ca_file: Path | None = None  # set: mutual TLS, every client presents a certificate from this CA
+    tls_crl_file: Path | None = None  # PEM CRL of that CA: revoked client certificates are refused
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both tls_cert_file and tls_key_file for HTTPS, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs HTTPS: set tls_cert_file and tls_key_file too")
+        if self.tls_crl_file is not None and self.tls_client_ca_file is None:
+            raise ValueError("tls_crl_file checks client certificates: set tls_client_ca_file too")
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'fleet.db').as_posix()}"
         if not self.public_url:
-            self.public_url = f"http://{self.host}:{self.port}"
+            self.public_url = f"{self.scheme}://{self.host}:{self.port}"
         self.public_url = self.public_url.rstrip("/")
         return self
+
+    @property
+    def scheme(self) -> str:
+        """https when the fleet serves TLS, else http."""
+        return "https" if self.tls_cert_file is not None else "http"
 
     @property
     def effective_broker_url(self) -> str:

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("trainer.cli", "app", "Build the tiny reference model, export to onnxruntime-genai int4, evaluate."),
     "keys": ("fleet.cli", "keys_app", "Generate Ed25519 signing keys."),
     "bundle": ("fleet.cli", "bundle_app", "Build, sign, verify and inspect model bundles."),
+    "ca": ("fleet.ca_cli", "app", "The project CA: TLS certificates for the broker, the fleet and each device."),
     "fleet": ("fleet.cli", "app", "Run the fleet service; list devices; deploy bundles."),
     "agent": ("agent.cli", "app", "Run the on-device agent."),
     "demo": ("slmops.demo", "app", "Run the whole story on this machine and print a report."),

@@ -58,9 +58,22 @@ def damaged_copy(src: Path, dest: Path, *, seed: int = 0) -> Path:
 
 
 class FleetServer:
-    """The fleet service in this process: HTTP API, MQTT ingest, embedded broker (unless one is given)."""
+    """The fleet service in this process: HTTP API, MQTT ingest, embedded broker (unless one is given).
 
-    def __init__(self, workdir: Path, *, broker_url: str | None = None, trusted_keys: tuple[Path, ...] = ()) -> None:
+    `tls_cert_file` + `tls_key_file` serve HTTPS (`url` is then https), `tls_client_ca_file` asks every client for a
+    certificate from that CA, `tls_crl_file` refuses the ones it revokes (see `fleet.settings.Settings`)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        broker_url: str | None = None,
+        trusted_keys: tuple[Path, ...] = (),
+        tls_cert_file: Path | None = None,
+        tls_key_file: Path | None = None,
+        tls_client_ca_file: Path | None = None,
+        tls_crl_file: Path | None = None,
+    ) -> None:
         from fleet.settings import Settings
 
         self.port = free_port()
@@ -71,6 +84,10 @@ class FleetServer:
             embedded_broker_port=free_port(),
             client_id=f"slmops-fleet-{os.getpid()}-{self.port}",
             trusted_keys=list(trusted_keys),
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
+            tls_client_ca_file=tls_client_ca_file,
+            tls_crl_file=tls_crl_file,
         )
         self._server = None
         self._thread: threading.Thread | None = None
@@ -87,8 +104,9 @@ class FleetServer:
         import uvicorn
 
         from fleet.api.app import create_app
+        from fleet.tls import uvicorn_config
 
-        config = uvicorn.Config(create_app(self.settings), host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn_config(create_app(self.settings), self.settings, log_level="warning")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="slmops-fleet", daemon=True)
         self._thread.start()
