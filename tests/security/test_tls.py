@@ -388,3 +388,58 @@ def test_plain_http_to_the_tls_port_gets_no_answer(fleets) -> None:
     fleet, _ = fleets
     with pytest.raises(httpx.TransportError):
         httpx.get(fleet.url.replace("https://", "http://") + "/healthz", timeout=5)
+
+
+def test_fleet_server_without_tls_still_serves_plain_http(tmp_path: Path) -> None:
+    fleet = FleetServer(tmp_path / "fleet").start()
+    try:
+        assert fleet.url.startswith("http://")
+        assert httpx.get(f"{fleet.url}/healthz", timeout=5).status_code == 200
+    finally:
+        fleet.stop()
+
+
+# ---- slmops fleet serve ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        pytest.param(["--tls-cert", "{cert}"], "tls_key_file", id="cert-without-key"),
+        pytest.param(["--tls-cert", "{tmp}/none.pem", "--tls-key", "{key}"], "does not exist", id="missing-cert"),
+        pytest.param(["--tls-cert", "{cert}", "--tls-key", "{key}", "--tls-crl", "{crl}"], "tls_client_ca_file", id="crl-without-ca"),
+    ],
+)
+def test_fleet_serve_refuses_a_bad_tls_setup_before_listening(certs: Pki, tmp_path: Path, args: list[str], match: str) -> None:
+    from typer.testing import CliRunner
+
+    from fleet.cli import app
+
+    values = {"cert": certs.server.cert_file, "key": certs.server.key_file, "crl": certs.crl, "tmp": tmp_path}
+    port = free_port()
+    r = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path / "d"), "--port", str(port), *[a.format(**values) for a in args]])
+    assert r.exit_code == 2 and match in r.output, r.output
+    assert not (tmp_path / "d" / "fleet.db").exists()  # nothing started
+
+
+def test_fleet_serve_with_mutual_tls(certs: Pki, tmp_path: Path) -> None:
+    import sys
+
+    port, broker_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "slmops.cli", "fleet", "serve", "--data-dir", str(tmp_path / "d"), "--port", str(port),
+           "--broker-port", str(broker_port), "--tls-cert", str(certs.server.cert_file), "--tls-key", str(certs.server.key_file),
+           "--tls-client-ca", str(certs.ca), "--tls-crl", str(certs.crl)]
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_port(port, timeout=20)
+        url = f"https://127.0.0.1:{port}/healthz"
+        ok = _http(url, certs.ca, certs.creds["valid"], None, method="GET")
+        assert isinstance(ok, httpx.Response) and ok.status_code == 200, ok
+        assert isinstance(_http(url, certs.ca, certs.creds["revoked"], T12, method="GET"), httpx.TransportError)
+        assert isinstance(_http(url, certs.ca, certs.creds["none"], T12, method="GET"), httpx.TransportError)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert f"fleet listening on https://127.0.0.1:{port} with client certificates" in log.read_text()
