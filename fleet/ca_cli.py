@@ -121,7 +121,7 @@ def revoke(
                 out.print(f"device {escape(device_id or '')} has no unrevoked certificate")
         for i in done:
             out.print(f"revoked {i.kind} {escape(i.subject)} serial {i.serial:x} at {i.revoked_at.isoformat() if i.revoked_at else '-'}")
-        out.print("now run 'slmops ca crl' and publish crl.pem to the broker and the fleet (then restart them)")
+        out.print("now run 'slmops ca crl' and publish crl.pem to the broker and the fleet, then send each SIGHUP")
 
 
 @app.command()

@@ -108,10 +108,31 @@ def serve(
         out.print(f"fleet listening on {settings.scheme}://{settings.host}:{settings.port}{mtls} (devices download from {settings.public_url})")
         out.print(f"MQTT broker ({kind}): {settings.effective_broker_url}")
         out.print(f"data: {settings.data_dir.resolve()}  database: {settings.database_url}")
+        if settings.tls_crl_file is not None:
+            _reload_crl_on_sighup(config.tls_context, settings.tls_crl_file)
         server = uvicorn.Server(config)
         server.run()
         if not server.started:  # as uvicorn.run does: a port in use or a failed start-up is exit code 3
             raise typer.Exit(3)
+
+
+def _reload_crl_on_sighup(context: Any, crl_file: Path) -> None:
+    """`kill -HUP <fleet>` after publishing a new CRL: new handshakes check it; a bad file keeps the CRLs loaded."""
+    import logging
+    import signal
+
+    from .tls import reload_crl
+
+    log = logging.getLogger("fleet.tls")
+
+    def _reload(_signum: int, _frame: object) -> None:
+        try:
+            reload_crl(context, crl_file)
+            log.info("reloaded the CRL %s", crl_file)
+        except ConfigError as exc:
+            log.error("CRL not reloaded, the previous one stays in force: %s", exc)
+
+    signal.signal(signal.SIGHUP, _reload)
 
 
 @app.command()

@@ -6,7 +6,8 @@ it also refuses client certificates that CRL revokes (`VERIFY_CRL_CHECK_LEAF`: t
 CA and still current, else every client is refused). TLS 1.2 is the oldest version spoken. `uvicorn_config(app,
 settings, ...)` gives a `uvicorn.Config` that serves with that context (uvicorn's own ssl_* options cannot load a
 CRL). `client_context(...)` is the matching client side, for scripts and tests. The CRL is read when the server
-starts: restart the fleet after publishing a new one.
+starts; `reload_crl(ctx, path)` adds a newly published one to the running server (OpenSSL then checks against
+the CRL with the latest issue time; `slmops fleet serve` does this on SIGHUP).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def build_server_context(
     return ctx
 
 
+def reload_crl(ctx: ssl.SSLContext, crl_file: Path) -> None:
+    """Add a newly published CRL to a running server's context; new handshakes check against the newest CRL of the
+    CA (by its last-update time, so publish at most one per second). A file that cannot be read changes nothing."""
+    _load(ctx.load_verify_locations, "CRL file", crl_file)
+
+
 def client_context(ca_file: Path, *, cert_file: Path | None = None, key_file: Path | None = None) -> ssl.SSLContext:
     """A TLS 1.2+ client context that trusts only `ca_file` and checks the host name; with a certificate to present
     when the server asks (mutual TLS)."""
@@ -69,6 +76,8 @@ def uvicorn_config(app: Any, settings: Settings, **kwargs: Any) -> uvicorn.Confi
     context = server_context(settings)  # built here, so a bad file stops the command before anything listens
 
     class _Config(uvicorn.Config):
+        tls_context = context  # the context the server uses, for reload_crl
+
         def load(self) -> None:
             super().load()
             self.ssl = context  # after load(): uvicorn builds its own context only from ssl_* options, never a CRL

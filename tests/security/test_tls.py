@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import ssl
 import subprocess
@@ -422,24 +423,84 @@ def test_fleet_serve_refuses_a_bad_tls_setup_before_listening(certs: Pki, tmp_pa
     assert not (tmp_path / "d" / "fleet.db").exists()  # nothing started
 
 
-def test_fleet_serve_with_mutual_tls(certs: Pki, tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class Fresh:
+    """A CA of its own with one device certificate, for rows that revoke while a server runs."""
+
+    ca_dir: Path
+    server: pki.IssuedFiles
+    device: pki.IssuedFiles
+    cred: Cred
+
+    def revoke_and_publish(self) -> None:
+        pki.revoke(self.ca_dir, self.device.issued.serial, datetime.now(timezone.utc))
+        time.sleep(1.1)  # the new CRL's last-update time must be later than the one the server holds (whole seconds)
+        pki.write_crl(self.ca_dir, datetime.now(timezone.utc), 7)
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Fresh:
+    now = datetime.now(timezone.utc)
+    d = tmp_path / "ca"
+    pki.init_ca(d, "fresh CA", now, 30)
+    server = pki.issue_server(d, ["localhost", "127.0.0.1"], now, 7)
+    device = pki.issue_device(d, "dev-fresh", now, 7)
+    pki.write_crl(d, now, 7)
+    return Fresh(d, server, device, Cred("dev-fresh", device.cert_file, device.key_file))
+
+
+def test_mosquitto_takes_a_new_crl_on_sighup(fresh: Fresh, tmp_path: Path) -> None:
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    port = free_port()
+    d = fresh.ca_dir
+    conf = _derive(TLS_CONF.read_text(), {
+        "listener": f"{port} 127.0.0.1", "cafile": str(d / "ca.pem"), "certfile": str(fresh.server.cert_file),
+        "keyfile": str(fresh.server.key_file), "crlfile": str(d / "crl.pem"), "persistence": "false",
+    })
+    conf_file = tmp_path / "m.conf"
+    conf_file.write_text(conf)
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        assert _mqtt(port, d / "ca.pem", fresh.cred, T12) == "accepted"
+        fresh.revoke_and_publish()
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while (out := _mqtt(port, d / "ca.pem", fresh.cred, T12)) == "accepted" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ALERT["revoked"] in out, out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_fleet_serve_with_mutual_tls_takes_a_new_crl_on_sighup(fresh: Fresh, tmp_path: Path) -> None:
     import sys
 
     port, broker_port = free_port(), free_port()
+    d = fresh.ca_dir
     cmd = [sys.executable, "-m", "slmops.cli", "fleet", "serve", "--data-dir", str(tmp_path / "d"), "--port", str(port),
-           "--broker-port", str(broker_port), "--tls-cert", str(certs.server.cert_file), "--tls-key", str(certs.server.key_file),
-           "--tls-client-ca", str(certs.ca), "--tls-crl", str(certs.crl)]
+           "--broker-port", str(broker_port), "--tls-cert", str(fresh.server.cert_file), "--tls-key", str(fresh.server.key_file),
+           "--tls-client-ca", str(d / "ca.pem"), "--tls-crl", str(d / "crl.pem")]
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"https://127.0.0.1:{port}/healthz"
     try:
         wait_port(port, timeout=20)
-        url = f"https://127.0.0.1:{port}/healthz"
-        ok = _http(url, certs.ca, certs.creds["valid"], None, method="GET")
+        ok = _http(url, d / "ca.pem", fresh.cred, None, method="GET")
         assert isinstance(ok, httpx.Response) and ok.status_code == 200, ok
-        assert isinstance(_http(url, certs.ca, certs.creds["revoked"], T12, method="GET"), httpx.TransportError)
-        assert isinstance(_http(url, certs.ca, certs.creds["none"], T12, method="GET"), httpx.TransportError)
+        assert isinstance(_http(url, d / "ca.pem", Cred("x", None, None), T12, method="GET"), httpx.TransportError)
+        fresh.revoke_and_publish()
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while isinstance(r := _http(url, d / "ca.pem", fresh.cred, T12, method="GET"), httpx.Response) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert isinstance(r, httpx.TransportError), r
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-    assert f"fleet listening on https://127.0.0.1:{port} with client certificates" in log.read_text()
+    text = log.read_text()
+    assert f"fleet listening on https://127.0.0.1:{port} with client certificates" in text
+    assert "reloaded the CRL" in text
