@@ -76,7 +76,10 @@ def serve(
     reconnect_max: Annotated[Optional[float], typer.Option(help="longest wait in seconds between tries to reach the broker")] = None,
     trusted_key: Annotated[Optional[list[Path]], typer.Option(help=".pub file uploads must be signed by")] = None,
 ) -> None:
-    """Run the fleet: HTTP API, MQTT messaging and (unless --broker-url) an embedded broker. Ctrl-C stops it."""
+    """Run the fleet: HTTP API, MQTT messaging and (unless --broker-url) an embedded broker. Ctrl-C stops it.
+
+    The admin token and the fleet's broker password come from SLMOPS_FLEET_ADMIN_TOKEN and
+    SLMOPS_FLEET_BROKER_PASSWORD (never flags, which other users can see); a trusted key is required."""
     import logging
 
     with _errors():

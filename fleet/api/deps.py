@@ -106,7 +106,8 @@ def require(*roles: Role) -> Callable[..., Caller]:
     """A dependency: the caller, if its role is one of `roles`; 403 otherwise."""
 
     def dependency(request: Request, caller: CallerDep) -> Caller:
-        auth.require_role(caller, roles, f"{request.method} {request.url.path}")
+        route = request.scope.get("route")
+        auth.require_role(caller, roles, f"{request.method} {getattr(route, 'path', 'this route')}")
         return caller
 
     return dependency
