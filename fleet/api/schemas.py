@@ -15,7 +15,7 @@ from protocol.topics import check_device_id
 
 from ..crud import state_counts
 from ..auth import MAX_ENROL_TTL, MAX_TOKEN_CHARS, Role, check_enrol_device_id, check_token_name
-from ..models import ApiToken, AuditEntry, Bundle, Deployment, DeploymentTarget, Device, EnrolmentToken, StatusReportRow
+from ..models import ApiToken, Bundle, Deployment, DeploymentTarget, Device, EnrolmentToken, StatusReportRow
 
 GROUP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always with fullmatch: `$` lets "x\n" through
 
