@@ -18,7 +18,7 @@ def _group() -> None:
 def run(
     device_id: str = typer.Option(..., "--device-id", help="This device's id (letters, digits, '.', '_', '-')."),
     data_dir: Path = typer.Option(Path("./agent-data"), help="Where models, staging and state live."),
-    broker: str = typer.Option("mqtt://127.0.0.1:1883", help="mqtt://host:port (3.1.1) or mqtt5://host:port."),
+    broker: str | None = typer.Option(None, help="mqtt://host:port (3.1.1) or mqtt5://host:port; default: the enrolled identity's, else mqtt://127.0.0.1:1883."),
     trusted_key: list[Path] = typer.Option(..., "--trusted-key", help="Public key (.pub) whose signature bundles need; repeat for several."),
     threshold: int = typer.Option(1, help="How many distinct trusted keys must sign a bundle."),
     api_host: str = typer.Option("127.0.0.1", help="Local API address; keep it on loopback so prompts stay on the device."),
@@ -39,6 +39,7 @@ def run(
     download_min_rate: int = typer.Option(1024, help="Bytes/s a download must average over --download-rate-window (0: no minimum)."),
     download_rate_window: float = typer.Option(30.0, help="Seconds over which the download rate is averaged."),
     check_hashes: bool = typer.Option(False, "--check-hashes/--no-check-hashes", help="sha256 the active model's files at start and before answering \"already active\" (sizes are always checked)."),
+    fleet_token: str | None = typer.Option(None, envvar="SLMOPS_AGENT_FLEET_TOKEN", show_default=False, help="The fleet API token bundle downloads send; default: the enrolled identity's."),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Connect to the broker, serve the active model locally, and apply deploy commands as they come."""
@@ -46,15 +47,22 @@ def run(
 
     from protocol.errors import SlmopsError
 
+    from protocol.topics import check_device_id
+
     from .config import AgentConfig, Limits, Serving
+    from .enrol import resolve
     from .service import Agent
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        creds = resolve(data_dir, check_device_id(device_id), fleet_token=fleet_token, broker_url=broker)
         config = AgentConfig(
             device_id=device_id,
             data_dir=data_dir,
-            broker_url=broker,
+            broker_url=creds.broker_url,
+            fleet_token=creds.fleet_token,
+            broker_username=creds.broker_username,
+            broker_password=creds.broker_password,
             trusted_keys=tuple(trusted_key),
             threshold=threshold,
             api_host=api_host,
@@ -84,3 +92,28 @@ def run(
     except SlmopsError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
+
+
+@app.command()
+def enrol(
+    fleet: str = typer.Option(..., "--fleet", help="The fleet's base URL, e.g. https://fleet.example:8700."),
+    token: str = typer.Option(..., "--token", envvar="SLMOPS_AGENT_ENROL_TOKEN", show_default=False, help="One-time enrolment token from 'slmops fleet enrol-token create'."),
+    device_id: str = typer.Option(..., "--device-id", help="This device's id."),
+    data_dir: Path = typer.Option(Path("./agent-data"), help="The agent's data folder; the identity goes to state/identity.json."),
+    force: bool = typer.Option(False, "--force", help="Replace an identity this device already has."),
+) -> None:
+    """Enrol this device: trade a one-time token for its own broker credentials and fleet API token."""
+    from protocol.errors import ConfigError, SlmopsError
+
+    from .enrol import enrol as do_enrol
+    from .enrol import identity_path, save_identity
+
+    try:
+        if identity_path(data_dir).exists() and not force:
+            raise ConfigError(f"{identity_path(data_dir)} exists: this device is enrolled; pass --force to enrol again")
+        identity = do_enrol(fleet, token, device_id)
+        path = save_identity(data_dir, identity)
+    except SlmopsError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"enrolled {identity.device_id}: credentials in {path} (mode 0600); broker {identity.broker_url}")

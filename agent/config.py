@@ -76,6 +76,9 @@ class AgentConfig:
     reconnect_max_s: float = 10.0  # seconds: the longest wait between two tries to reach the broker
     limits: Limits = field(default_factory=Limits)
     serving: Serving = field(default_factory=Serving)
+    fleet_token: str | None = field(default=None, repr=False)  # Authorization: Bearer for bundle downloads
+    broker_username: str | None = None  # MQTT username (the device id after enrolment); None: anonymous
+    broker_password: str | None = field(default=None, repr=False)  # MQTT password from enrolment
 
     def __post_init__(self) -> None:
         check_device_id(self.device_id)

@@ -58,7 +58,8 @@ class Agent:
         self.metrics = Metrics()
         self.scheduler = Scheduler(config.serving, self.metrics)
         self.on_report = on_report
-        self.http = httpx.Client(follow_redirects=True)
+        token = {"Authorization": f"Bearer {config.fleet_token}"} if config.fleet_token else None
+        self.http = httpx.Client(follow_redirects=True, headers=token)  # httpx drops the header on cross-origin redirects
         self.commands: queue.Queue[DeployCommand | CancelCommand | None] = queue.Queue()
         self.link = Link(
             config.device_id,

@@ -1,6 +1,9 @@
 """The fleet's command line: three Typer apps that `slmops` mounts.
 
-    app          serve | devices | deploy | upload     run a fleet, or drive a running one over HTTP (--url)
+    app          serve | devices | deploy | upload     run a fleet, or drive a running one over HTTP (--url, --token)
+                 revoke | reinstate | audit            devices' identities and the audit log (admin token)
+                 token create|list|revoke              API tokens (admin token)
+                 enrol-token create|list               one-time enrolment tokens for devices (admin token)
     bundle_app   build | sign | verify | inspect       bundle files on this machine
     keys_app     generate                              Ed25519 signing keys
 
@@ -39,6 +42,14 @@ UPLOAD_CHUNK = 1 << 20  # bytes per read while streaming an upload
 HTTP_TIMEOUT_S = 60.0  # seconds per request to a running fleet (uploads stream, so this is per read/write)
 
 UrlOpt = Annotated[str, typer.Option("--url", help="base URL of a running fleet (env SLMOPS_FLEET_URL)")]
+TokenOpt = Annotated[
+    Optional[str],
+    typer.Option("--token", envvar="SLMOPS_FLEET_TOKEN", show_default=False, help="API token for the fleet (env SLMOPS_FLEET_TOKEN)"),
+]
+token_app = typer.Typer(help="API tokens of a running fleet (needs an admin token).", no_args_is_help=True)
+enrol_token_app = typer.Typer(help="One-time enrolment tokens for devices (needs an admin token).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+app.add_typer(enrol_token_app, name="enrol-token")
 
 
 @contextmanager
@@ -69,7 +80,10 @@ def serve(
     tls_client_ca: Annotated[Optional[Path], typer.Option(help="CA file: mutual TLS, clients must present a certificate from it")] = None,
     tls_crl: Annotated[Optional[Path], typer.Option(help="CRL of --tls-client-ca: revoked client certificates are refused")] = None,
 ) -> None:
-    """Run the fleet: HTTP API, MQTT messaging and (unless --broker-url) an embedded broker. Ctrl-C stops it."""
+    """Run the fleet: HTTP API, MQTT messaging and (unless --broker-url) an embedded broker. Ctrl-C stops it.
+
+    The admin token and the fleet's broker password come from SLMOPS_FLEET_ADMIN_TOKEN and
+    SLMOPS_FLEET_BROKER_PASSWORD (never flags, which other users can see); a trusted key is required."""
     import logging
 
     with _errors():
@@ -136,15 +150,20 @@ def _reload_crl_on_sighup(context: Any, crl_file: Path) -> None:
 
 
 @app.command()
-def devices(url: UrlOpt = DEFAULT_URL, group: Annotated[Optional[str], typer.Option(help="only this group")] = None) -> None:
+def devices(
+    url: UrlOpt = DEFAULT_URL, group: Annotated[Optional[str], typer.Option(help="only this group")] = None, token: TokenOpt = None
+) -> None:
     """List the devices a running fleet knows."""
     with _errors():
-        rows = _http("GET", url, "/api/v1/devices", params={"group": group} if group else None)
-        table = Table("device", "online", "active", "groups", "last seen", "agent")
+        rows = _http("GET", url, "/api/v1/devices", token=token, params={"group": group} if group else None)
+        table = Table("device", "online", "active", "groups", "last seen", "agent", "identity")
         for d in rows:
             active = f"{d['active']['name']} v{d['active']['version']}" if d["active"] else "-"
             online = "[green]yes[/green]" if d["online"] else "[red]no[/red]"
-            table.add_row(d["id"], online, active, ", ".join(d["groups"]), d["last_seen"] or "-", d["agent_version"] or "-")
+            identity = "[red]revoked[/red]" if d.get("revoked_at") else ("enrolled" if d.get("enrolled") else "-")
+            table.add_row(
+                d["id"], online, active, ", ".join(d["groups"]), d["last_seen"] or "-", d["agent_version"] or "-", identity
+            )
         out.print(table)
 
 
@@ -155,26 +174,27 @@ def deploy(
     group: Annotated[Optional[str], typer.Option(help="every device of this group")] = None,
     device: Annotated[Optional[str], typer.Option(help="this one device")] = None,
     url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
 ) -> None:
     """Deploy a stored bundle to a device or a group."""
     with _errors():
         if (group is None) == (device is None):
             raise ConfigError("give exactly one of --group and --device")
         body = {"bundle": bundle, "version": version, "group": group, "device_id": device}
-        dep = _http("POST", url, "/api/v1/deployments", json={k: v for k, v in body.items() if v is not None})
+        dep = _http("POST", url, "/api/v1/deployments", token=token, json={k: v for k, v in body.items() if v is not None})
         out.print(f"deployment [bold]{dep['id']}[/bold]: {bundle} v{version} -> {len(dep['targets'])} device(s)")
         for t in dep["targets"]:
             out.print(f"  {t['device_id']}: {t['state']}")
 
 
 @app.command()
-def upload(path: Annotated[Path, typer.Argument(help="bundle file")], url: UrlOpt = DEFAULT_URL) -> None:
+def upload(path: Annotated[Path, typer.Argument(help="bundle file")], url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
     """Upload a bundle file to a running fleet, which verifies it before storing it."""
     with _errors():
         if not path.is_file():
             raise ConfigError(f"{path} is not a file")
         headers = {"content-type": "application/octet-stream", "content-length": str(path.stat().st_size)}
-        b = _http("POST", url, "/api/v1/bundles", content=_chunks(path), headers=headers)
+        b = _http("POST", url, "/api/v1/bundles", token=token, content=_chunks(path), headers=headers)
         out.print(f"stored {b['name']} v{b['version']}: {b['size']} bytes, sha256 {b['sha256']}")
         if b.get("warning"):
             out.print(f"[yellow]warning:[/yellow] {b['warning']}")
@@ -186,11 +206,121 @@ def _chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
-def _http(method: str, base: str, path: str, **kwargs: Any) -> Any:
+@app.command()
+def revoke(device: Annotated[str, typer.Argument(help="device id")], url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
+    """Revoke a device: the broker refuses it, its API tokens stop working, it cannot enrol again."""
+    with _errors():
+        d = _http("POST", url, f"/api/v1/devices/{_path_part(device)}/revoke", token=token)
+        out.print(f"device [bold]{escape(d['id'])}[/bold] revoked at {d['revoked_at']}")
+
+
+@app.command()
+def reinstate(device: Annotated[str, typer.Argument(help="device id")], url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
+    """Lift a device's revocation; it then enrols again with a new enrolment token."""
+    with _errors():
+        d = _http("POST", url, f"/api/v1/devices/{_path_part(device)}/reinstate", token=token)
+        out.print(f"device [bold]{escape(d['id'])}[/bold] reinstated; give it a new enrolment token")
+
+
+@app.command()
+def audit(
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="newest rows to show")] = 50,
+) -> None:
+    """Show the audit log, newest first: who changed what, when."""
+    with _errors():
+        rows = _http("GET", url, "/api/v1/audit", token=token, params={"limit": limit})
+        for r in rows:  # one line each, so the log reads (and greps) whole at any terminal width
+            out.print(f"{r['at']}  {escape(r['actor'])}  {r['action']}  {escape(r['target'])}  {escape(r['detail'])}", highlight=False)
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Option(help="what the token is for, e.g. ci-upload")],
+    role: Annotated[str, typer.Option(help="admin | operator | viewer | device")],
+    device: Annotated[Optional[str], typer.Option(help="the device, for role device")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+) -> None:
+    """Create an API token; its secret is printed once and never again."""
+    with _errors():
+        body = {"name": name, "role": role, "device_id": device}
+        t = _http("POST", url, "/api/v1/tokens", token=token, json={k: v for k, v in body.items() if v is not None})
+        err.print(f"token {t['id']} ({escape(t['name'])}, role {t['role']}) created; it is shown only now:")
+        out.print(t["token"], highlight=False)
+
+
+@token_app.command("list")
+def token_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
+    """List API tokens (never their secrets)."""
+    with _errors():
+        table = Table("id", "name", "role", "device", "created", "by", "last used", "revoked")
+        for t in _http("GET", url, "/api/v1/tokens", token=token):
+            table.add_row(
+                str(t["id"]), escape(t["name"]), t["role"], t["device_id"] or "-", t["created_at"], escape(t["created_by"]),
+                t["last_used_at"] or "-", t["revoked_at"] or "-",
+            )  # fmt: skip
+        out.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[int, typer.Argument(help="the token's id (see 'token list')", min=1, max=(1 << 63) - 1)],
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+) -> None:
+    """Revoke an API token; it stops working at once."""
+    with _errors():
+        t = _http("POST", url, f"/api/v1/tokens/{token_id}/revoke", token=token)
+        out.print(f"token {t['id']} ({escape(t['name'])}) revoked at {t['revoked_at']}")
+
+
+@enrol_token_app.command("create")
+def enrol_token_create(
+    group: Annotated[Optional[list[str]], typer.Option(help="group the device joins; repeat for several")] = None,
+    device: Annotated[Optional[str], typer.Option(help="only this device id may use it")] = None,
+    ttl: Annotated[int, typer.Option(help="seconds until it expires", min=1, max=30 * 86400)] = 3600,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+) -> None:
+    """Create a one-time enrolment token; give it to the device ('slmops agent enrol --token ...')."""
+    with _errors():
+        body: dict[str, Any] = {"groups": group or [], "ttl_s": ttl}
+        if device is not None:
+            body["device_id"] = device
+        t = _http("POST", url, "/api/v1/enrolment-tokens", token=token, json=body)
+        pinned = f" for device {escape(t['device_id'])}" if t["device_id"] else ""
+        err.print(f"enrolment token {t['id']}{pinned}, groups [{', '.join(t['groups'])}], expires {t['expires_at']}; shown only now:")
+        out.print(t["token"], highlight=False)
+
+
+@enrol_token_app.command("list")
+def enrol_token_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
+    """List enrolment tokens (never their secrets): who made them, when they expire, which device used them."""
+    with _errors():
+        table = Table("id", "groups", "device", "expires", "used", "by device", "created by")
+        for t in _http("GET", url, "/api/v1/enrolment-tokens", token=token):
+            table.add_row(
+                str(t["id"]), ", ".join(t["groups"]), t["device_id"] or "-", t["expires_at"], t["used_at"] or "-",
+                t["used_by_device"] or "-", escape(t["created_by"]),
+            )  # fmt: skip
+        out.print(table)
+
+
+def _path_part(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(value, safe="")
+
+
+def _http(method: str, base: str, path: str, *, token: str | None = None, **kwargs: Any) -> Any:
     import httpx
 
     from .errors import FleetError
 
+    if token:
+        kwargs["headers"] = {**(kwargs.get("headers") or {}), "Authorization": f"Bearer {token}"}
     try:
         r = httpx.request(method, base.rstrip("/") + path, timeout=HTTP_TIMEOUT_S, **kwargs)
     except httpx.HTTPError as exc:
@@ -200,7 +330,8 @@ def _http(method: str, base: str, path: str, **kwargs: Any) -> Any:
             detail = r.json().get("detail", r.text)
         except ValueError:
             detail = r.text
-        raise FleetError(f"fleet answered {r.status_code}: {detail}")
+        hint = " (pass --token or set SLMOPS_FLEET_TOKEN)" if r.status_code == 401 and not token else ""
+        raise FleetError(f"fleet answered {r.status_code}: {detail}{hint}")
     return r.json()
 
 

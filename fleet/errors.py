@@ -34,3 +34,43 @@ class PkiError(FleetError):
     cannot give."""
 
     code = "pki"
+
+
+class UnauthenticatedError(FleetError):
+    """No API token, or one the fleet does not know (or has revoked): send a valid `Authorization: Bearer` token."""
+
+    code = "unauthenticated"
+
+
+class ForbiddenError(FleetError):
+    """The caller is known but its role may not do this."""
+
+    code = "forbidden"
+
+
+class RateLimitedError(FleetError):
+    """Too many failed authentication attempts from one address; wait `retry_after_s` seconds."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EnrolmentError(FleetError):
+    """An enrolment token is unknown, already used, expired, or pinned to another device id."""
+
+    code = "enrolment_refused"
+
+
+class DeviceRevokedError(FleetError):
+    """The device was revoked; an admin must reinstate it before it can enrol again."""
+
+    code = "device_revoked"
+
+
+class BrokerAccountsError(FleetError):
+    """The MQTT broker did not take the account change (mosquitto dynamic security); retry the request."""
+
+    code = "broker_accounts"

@@ -8,6 +8,9 @@
     commands            every deploy command sent; its autoincrement id is the command's `seq`
     status_reports      append-only history of what devices reported (deduplicated by message_id)
     telemetry_samples   numeric health samples (deduplicated by message_id)
+    api_tokens          bearer tokens of the HTTP API with their role (stored as sha256 hashes only)
+    enrolment_tokens    one-time tokens a device trades for its own credentials (hashes only)
+    audit_log           who changed what, when (append-only)
 
 Timestamps are stored as naive UTC and come back timezone-aware (`UTCDateTime`), on SQLite and PostgreSQL alike.
 """
@@ -54,6 +57,8 @@ class Device(Base):
     agent_version: Mapped[str] = mapped_column(String(64), default="")
     active_name: Mapped[str | None] = mapped_column(String(64))
     active_version: Mapped[int | None]
+    broker_secret_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 hex of its MQTT password; None: none
+    revoked_at: Mapped[datetime | None]  # set: refused by the broker and the API until an admin reinstates it
 
     groups: Mapped[list[DeviceGroup]] = relationship(
         back_populates="device", cascade="all, delete-orphan", order_by="DeviceGroup.group"
@@ -170,3 +175,43 @@ class TelemetrySample(Base):
     cpu_percent: Mapped[float]
     memory_rss_mb: Mapped[float]
     memory_percent: Mapped[float]
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(160))  # given by an admin, or "device:<id>" for enrolled devices
+    role: Mapped[str] = mapped_column(String(16))  # admin | operator | viewer | device
+    device_id: Mapped[str | None] = mapped_column(String(128), index=True)  # set for role "device" only
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex; the token itself is never stored
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(160))
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
+class EnrolmentToken(Base):
+    __tablename__ = "enrolment_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex
+    groups: Mapped[list[str]] = mapped_column(JSON, default=list)  # the enrolled device's groups
+    device_id: Mapped[str | None] = mapped_column(String(128))  # set: only this device id may enrol with it
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+    used_by_device: Mapped[str | None] = mapped_column(String(128))
+    created_by: Mapped[str] = mapped_column(String(160))
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+    __table_args__ = {"sqlite_autoincrement": True}  # ids never reused: the log reads in order
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(160))  # a token's name, "bootstrap" or "device:<id>"
+    action: Mapped[str] = mapped_column(String(64))  # e.g. "token.created", "device.revoked"
+    target: Mapped[str] = mapped_column(String(200))
+    detail: Mapped[str] = mapped_column(Text, default="")  # at most AUDIT_DETAIL_CHARS characters

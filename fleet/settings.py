@@ -6,16 +6,33 @@ own embedded MQTT broker on `embedded_broker_host:embedded_broker_port`; `effect
 fleet talks to either way. `tls_cert_file` + `tls_key_file` turn on HTTPS (and make the derived `public_url`
 https); `tls_client_ca_file` adds mutual TLS (every HTTP client presents a certificate from that CA) and
 `tls_crl_file` refuses the certificates that CRL revokes (see fleet/tls.py and `slmops ca`).
+
+Secrets: `admin_token` (the bootstrap admin's API token) and `broker_password` (the fleet's own MQTT password,
+user "fleet") are `SecretStr`, so they never show in a repr or a log. `check_startable()` refuses, outside demo
+mode, a fleet without a trusted bundle key (`trusted_keys` or `trust_dir`) and one whose secrets are empty, short
+or a known default. In demo mode (`demo=True`, set only by `slmops demo` and tests) empty secrets are generated at
+random; the app writes them to `<data_dir>/demo-secrets.json` (0600) and logs that path.
 """
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protocol.errors import ConfigError
+
 GIB = 1 << 30
+MIN_ADMIN_TOKEN_CHARS = 32
+MIN_BROKER_PASSWORD_CHARS = 16
+# Values no deployment may keep: common defaults and the placeholders our docs and deploy/ examples show.
+EXAMPLE_SECRETS = (
+    "slm_example-admin-token-replace-me-000000000000",
+    "example-broker-password-replace-me",
+)
+KNOWN_DEFAULTS = frozenset({"changeme", "change-me", "admin", "secret", "password", "fleet", "slmops", *EXAMPLE_SECRETS})
 
 
 class Settings(BaseSettings):
@@ -38,6 +55,11 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = None  # PEM private key of tls_cert_file
     tls_client_ca_file: Path | None = None  # set: mutual TLS, every client presents a certificate from this CA
     tls_crl_file: Path | None = None  # PEM CRL of that CA: revoked client certificates are refused
+    trust_dir: Path | None = None  # folder holding the trust root; a trusted bundle key either here or trusted_keys
+    admin_token: SecretStr = SecretStr("")  # bootstrap admin API token (>= 32 chars); env SLMOPS_FLEET_ADMIN_TOKEN
+    broker_password: SecretStr = SecretStr("")  # the fleet's own MQTT password (username "fleet")
+    demo: bool = False  # generate missing secrets, allow no trusted key: only `slmops demo` and tests set it
+    metrics_public: bool = False  # /metrics without a token (a scraper on a private network); else viewer role
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
@@ -52,7 +74,36 @@ class Settings(BaseSettings):
         if not self.public_url:
             self.public_url = f"{self.scheme}://{self.host}:{self.port}"
         self.public_url = self.public_url.rstrip("/")
+        if self.demo:
+            if not self.admin_token.get_secret_value():
+                self.admin_token = SecretStr("slm_" + secrets.token_urlsafe(32))
+            if not self.broker_password.get_secret_value():
+                self.broker_password = SecretStr(secrets.token_urlsafe(32))
         return self
+
+    def check_startable(self) -> None:
+        """Raise ConfigError, saying what to set, unless the fleet may serve with these settings."""
+        if self.demo:
+            return
+        if not self.trusted_keys and self.trust_dir is None:
+            raise ConfigError(
+                "no trusted bundle key: set SLMOPS_FLEET_TRUSTED_KEYS (or --trusted-key PATH.pub) or a trust_dir, "
+                "so that the fleet stores only bundles your release keys signed"
+            )
+        for name, env, minimum in (
+            ("admin_token", "SLMOPS_FLEET_ADMIN_TOKEN", MIN_ADMIN_TOKEN_CHARS),
+            ("broker_password", "SLMOPS_FLEET_BROKER_PASSWORD", MIN_BROKER_PASSWORD_CHARS),
+        ):
+            value = getattr(self, name).get_secret_value()
+            make = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            if not value:
+                raise ConfigError(f"{name} is empty: set {env} to a random secret, e.g. from {make}")
+            if value.strip().lower() in KNOWN_DEFAULTS:
+                raise ConfigError(f"{name} is a known default or example value: set {env} to a random secret from {make}")
+            if len(value) < minimum or len(set(value)) < 8:
+                raise ConfigError(
+                    f"{name} is too short or too uniform (at least {minimum} varied characters): set {env} from {make}"
+                )
 
     @property
     def scheme(self) -> str:

@@ -151,12 +151,17 @@ def demo(
 
     console.rule("[bold]3. Start the fleet and the agents")
     fleet = FleetServer(work / "fleet", broker_url=broker, trusted_keys=(pub,)).start()
-    client = FleetClient(fleet.url)
+    client = FleetClient(fleet.url, token=fleet.admin_token)
     devices = [f"demo-{i + 1}" for i in range(agents)]
-    procs = [AgentProcess(d, work / "agents" / d, fleet.broker_url, pub, work / "logs" / f"{d}.log") for d in devices]
+    procs: list[AgentProcess] = []
     rollouts: list[Rollout] = []
     try:
+        for d in devices:  # each agent enrols with its own one-time token: its own broker secret and API token
+            identity = client.enrol(d, [GROUP])
+            procs.append(AgentProcess(d, work / "agents" / d, fleet.broker_url, pub, work / "logs" / f"{d}.log", identity=identity))
         console.print(f"  fleet API {fleet.url}, MQTT broker {fleet.broker_url}" + ("" if broker else " (embedded)"))
+        console.print(f"  demo secrets (admin token, fleet broker password): {work / 'fleet' / 'demo-secrets.json'} (0600);"
+                      " each agent enrolled with a one-time token into its state/identity.json")
         for p in procs:
             p.start()
         for p in procs:

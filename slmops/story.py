@@ -2,9 +2,12 @@
 
 Parts, each started on free loopback ports and stopped by its owner:
 - `FleetServer`: the fleet's FastAPI app under uvicorn in this process, with its embedded broker (or an external
-  broker URL) and a SQLite database in a work folder;
-- `AgentProcess`: one `slmops agent run` child process per device, each with its own data folder and local API;
-- `FleetClient`: the fleet's HTTP API as an operator uses it (register, upload, deploy, wait, inspect).
+  broker URL) and a SQLite database in a work folder; authentication is on, with the admin token given or, in
+  demo mode, generated (`FleetServer.admin_token`);
+- `AgentProcess`: one `slmops agent run` child process per device, each with its own data folder and local API,
+  and the identity it enrolled with (written to its data folder) or a `--fleet-token`;
+- `FleetClient`: the fleet's HTTP API as an operator uses it, with a bearer token (register, enrol, upload,
+  deploy, wait, inspect).
 `rollout(...)` deploys a bundle to a group and waits for every device's terminal report; `ask(...)` puts a
 question to a device's local API. `damaged_copy(...)` makes the deliberately broken model of the story.
 """
@@ -73,10 +76,15 @@ class FleetServer:
         tls_key_file: Path | None = None,
         tls_client_ca_file: Path | None = None,
         tls_crl_file: Path | None = None,
+        admin_token: str | None = None,
+        broker_password: str | None = None,
     ) -> None:
+        """Without `admin_token` the fleet runs in demo mode: its secrets are generated (and written 0600 to
+        `<workdir>/demo-secrets.json`); with one, `broker_password` is required too, as for `slmops fleet serve`."""
         from fleet.settings import Settings
 
         self.port = free_port()
+        secrets = {"admin_token": admin_token, "broker_password": broker_password}
         self.settings = Settings(
             data_dir=workdir,
             port=self.port,
@@ -88,6 +96,8 @@ class FleetServer:
             tls_key_file=tls_key_file,
             tls_client_ca_file=tls_client_ca_file,
             tls_crl_file=tls_crl_file,
+            demo=admin_token is None,
+            **{k: v for k, v in secrets.items() if v is not None},
         )
         self._server = None
         self._thread: threading.Thread | None = None
@@ -99,6 +109,10 @@ class FleetServer:
     @property
     def broker_url(self) -> str:
         return self.settings.effective_broker_url
+
+    @property
+    def admin_token(self) -> str:
+        return self.settings.admin_token.get_secret_value()
 
     def start(self, timeout: float = 30.0) -> "FleetServer":
         import uvicorn
@@ -134,6 +148,8 @@ class AgentProcess:
     trusted_key: Path
     log_path: Path
     api_port: int = field(default_factory=free_port)
+    fleet_token: str | None = field(default=None, repr=False)  # passed as --fleet-token
+    identity: dict | None = field(default=None, repr=False)  # an enrolment answer, saved as state/identity.json
     proc: subprocess.Popen | None = None
 
     @property
@@ -150,6 +166,12 @@ class AgentProcess:
             "--api-port", str(self.api_port),
             "--telemetry-interval", "2",
         ]
+        if self.fleet_token:
+            cmd += ["--fleet-token", self.fleet_token]
+        if self.identity is not None:
+            from agent.enrol import Identity, save_identity
+
+            save_identity(self.data_dir, Identity(**self.identity))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -183,8 +205,9 @@ class AgentProcess:
 class FleetClient:
     """The fleet's HTTP API, as an operator's script uses it."""
 
-    def __init__(self, url: str) -> None:
-        self.http = httpx.Client(base_url=url, timeout=60)
+    def __init__(self, url: str, token: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self.http = httpx.Client(base_url=url, timeout=60, headers=headers)
 
     def _ok(self, r: httpx.Response) -> dict | list:
         if r.status_code >= 400:
@@ -193,6 +216,13 @@ class FleetClient:
 
     def register(self, device_id: str, groups: list[str]) -> dict:
         return self._ok(self.http.post("/api/v1/devices", json={"id": device_id, "groups": groups}))
+
+    def enrol(self, device_id: str, groups: list[str]) -> dict:
+        """Make a one-time enrolment token pinned to the device and trade it, as the device would; returns the
+        identity (device id, broker username and password, device API token, URLs)."""
+        made = self._ok(self.http.post("/api/v1/enrolment-tokens", json={"groups": groups, "device_id": device_id}))
+        body = {"token": made["token"], "device_id": device_id}
+        return self._ok(self.http.post("/api/v1/enrol", json=body, headers={"Authorization": ""}))
 
     def upload(self, bundle: Path) -> dict:
         with bundle.open("rb") as f:

@@ -1,16 +1,23 @@
 """The fleet's HTTP app: `create_app(settings)` wires the database, the broker, MQTT messaging and the routers.
 
+`create_app` first refuses settings the fleet must not serve with (`Settings.check_startable`: no trusted bundle
+key, an empty, short or default secret) with a ConfigError, outside demo mode.
+
 Lifespan: open the database (creating tables), start the embedded MQTT broker unless `broker_url` names one,
 connect messaging and wait briefly for its subscriptions (the app serves even while the broker is away; paho keeps
 retrying), load the trusted keys. On shutdown everything stops in reverse order.
 
 Errors raised on purpose (`protocol.errors.SlmopsError` and the fleet's own) become JSON `{"detail", "code"}`
-with one status code per family: 404 not found, 409 conflict, 413 too large, 422 unacceptable content or input.
+with one status code per family: 401 unauthenticated (with `WWW-Authenticate: Bearer`), 403 forbidden (a known
+caller without the role, a revoked device), 404 not found, 409 conflict, 413 too large, 429 rate limited (with
+`Retry-After`), 502 the broker refused an account change, 422 unacceptable content or input.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -23,25 +30,50 @@ from protocol.trust import Keyring, PublicKey
 
 from ..bundles import BundleStore
 from ..db import open_database
-from ..errors import ConflictError, NotFoundError, TooLargeError
+from ..acl import BrokerAccounts
+from ..auth import FailureLimiter
+from ..errors import (
+    BrokerAccountsError,
+    ConflictError,
+    DeviceRevokedError,
+    EnrolmentError,
+    ForbiddenError,
+    NotFoundError,
+    RateLimitedError,
+    TooLargeError,
+    UnauthenticatedError,
+)
 from ..messaging import FleetMessaging
 from ..settings import Settings
 from .deps import Fleet
-from .routes import bundles, deployments, devices, health, metrics
+from .routes import audit, bundles, deployments, devices, enrolment, health, metrics, tokens
 
 log = logging.getLogger(__name__)
 
 CONNECT_WAIT_S = 5.0  # seconds start-up waits for the MQTT subscriptions before serving anyway
-_STATUS = ((NotFoundError, 404), (ConflictError, 409), (TooLargeError, 413))
+_STATUS = (
+    (UnauthenticatedError, 401), (EnrolmentError, 401), (ForbiddenError, 403), (DeviceRevokedError, 403),
+    (NotFoundError, 404), (ConflictError, 409), (TooLargeError, 413), (RateLimitedError, 429), (BrokerAccountsError, 502),
+)  # fmt: skip
+DEMO_SECRETS_FILE = "demo-secrets.json"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, limiter: FailureLimiter | None = None, accounts: BrokerAccounts | None = None
+) -> FastAPI:
+    """The fleet app; `limiter` (failed-attempt counting, injectable clock) and `accounts` (the broker's account
+    list, where it keeps one) are seams for tests and for deployments with mosquitto."""
     settings = settings or Settings()
+    settings.check_startable()
+    limiter = limiter or FailureLimiter()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             keyring = load_keyring(settings)
+            if settings.demo:
+                where = write_demo_secrets(settings)
+                log.warning("demo mode: the admin token and the fleet's broker password are in %s", where)
             db = open_database(settings.database_url)
             stack.callback(db.close)
             store = BundleStore(settings.data_dir)
@@ -57,17 +89,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stack.callback(messaging.stop)
             if not await run_in_threadpool(messaging.wait_connected, CONNECT_WAIT_S):
                 log.warning("MQTT broker %s not reachable yet; still trying", settings.effective_broker_url)
-            app.state.fleet = Fleet(settings=settings, db=db, store=store, messaging=messaging, keyring=keyring)
+            app.state.fleet = Fleet(
+                settings=settings, db=db, store=store, messaging=messaging, keyring=keyring, limiter=limiter, accounts=accounts
+            )
             yield
 
     app = FastAPI(title="slmops fleet", version="1", lifespan=lifespan)
-    for module in (devices, bundles, deployments, health, metrics):
+    for module in (devices, bundles, deployments, tokens, enrolment, audit, health, metrics):
         app.include_router(module.router)
 
     @app.exception_handler(SlmopsError)
     async def _slmops_error(_request: Request, exc: SlmopsError) -> JSONResponse:
         status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 422)
-        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=status)
+        headers = {}
+        if isinstance(exc, UnauthenticatedError):
+            headers["WWW-Authenticate"] = "Bearer"
+        if isinstance(exc, RateLimitedError):
+            headers["Retry-After"] = str(exc.retry_after_s)
+        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=status, headers=headers)
 
     return app
 
@@ -83,3 +122,21 @@ def load_keyring(settings: Settings) -> Keyring | None:
         except OSError as exc:
             raise ConfigError(f"trusted key {path} cannot be read: {exc}") from exc
     return Keyring(keys=tuple(keys), threshold=settings.trust_threshold)
+
+
+def write_demo_secrets(settings: Settings) -> str:
+    """Write the demo's generated secrets to `<data_dir>/demo-secrets.json`, created 0600; return its path."""
+    path = settings.data_dir / DEMO_SECRETS_FILE
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    body = {
+        "admin_token": settings.admin_token.get_secret_value(),
+        "broker_username": "fleet",
+        "broker_password": settings.broker_password.get_secret_value(),
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(body, f, indent=2)
+    os.replace(tmp, path)
+    return str(path)

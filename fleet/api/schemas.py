@@ -14,7 +14,8 @@ from protocol.messages import ActiveModel
 from protocol.topics import check_device_id
 
 from ..crud import state_counts
-from ..models import Bundle, Deployment, DeploymentTarget, Device, StatusReportRow
+from ..auth import MAX_ENROL_TTL, MAX_TOKEN_CHARS, Role, check_enrol_device_id, check_token_name
+from ..models import ApiToken, Bundle, Deployment, DeploymentTarget, Device, EnrolmentToken, StatusReportRow
 
 GROUP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always with fullmatch: `$` lets "x\n" through
 
@@ -38,9 +39,7 @@ class DeviceCreate(BaseModel):
     @field_validator("groups")
     @classmethod
     def _groups(cls, v: list[str]) -> list[str]:
-        if len(v) > 256:
-            raise ValueError(f"{len(v)} groups; at most 256")
-        return [check_group(g) for g in v]
+        return _groups(v)
 
 
 class DesiredPublic(BaseModel):
@@ -58,6 +57,8 @@ class DevicePublic(BaseModel):
     agent_version: str
     active: ActiveModel | None
     groups: list[str]
+    revoked_at: datetime | None = None
+    enrolled: bool = Field(default=False, description="the device holds broker credentials from enrolment")
 
     @classmethod
     def of(cls, d: Device) -> "DevicePublic":
@@ -72,6 +73,8 @@ class DevicePublic(BaseModel):
             agent_version=d.agent_version,
             active=active,
             groups=d.group_names,
+            revoked_at=d.revoked_at,
+            enrolled=d.broker_secret_hash is not None,
         )
 
 
@@ -211,3 +214,119 @@ class DeploymentPublic(BaseModel):
             counts=state_counts(d),
             targets=[TargetPublic.model_validate(t) for t in d.targets],
         )
+
+
+def _groups(v: list[str]) -> list[str]:
+    if len(v) > 256:
+        raise ValueError(f"{len(v)} groups; at most 256")
+    return [check_group(g) for g in v]
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="what the token is for, e.g. 'ci-upload' (1-64 letters, digits, '.', '_', '@', '-')")
+    role: Role
+    device_id: str | None = Field(default=None, description="the device, for role 'device' only")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_token_name(v)
+
+    @field_validator("device_id")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        return None if v is None else check_device_id(v)
+
+    @model_validator(mode="after")
+    def _device_role(self) -> "TokenCreate":
+        if (self.role == "device") != (self.device_id is not None):
+            raise ValueError("a token of role 'device' names its device_id; tokens of other roles name none")
+        return self
+
+
+class TokenPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    name: str
+    role: str
+    device_id: str | None
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    @classmethod
+    def of(cls, t: ApiToken) -> "TokenPublic":
+        return cls.model_validate(t)
+
+
+class TokenCreated(TokenPublic):
+    token: str = Field(description="the secret; shown only in this answer, the fleet keeps its hash")
+
+
+class EnrolmentTokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    groups: list[str] = Field(default_factory=list, description="groups the enrolled device joins")
+    device_id: str | None = Field(default=None, description="only this device id may use the token")
+    ttl_s: int = Field(default=3600, ge=1, le=int(MAX_ENROL_TTL.total_seconds()), description="seconds until it expires")
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: list[str]) -> list[str]:
+        return _groups(v)
+
+    @field_validator("device_id")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        return None if v is None else check_enrol_device_id(v)
+
+
+class EnrolmentTokenPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    groups: list[str]
+    device_id: str | None
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None
+    used_by_device: str | None
+    created_by: str
+
+    @classmethod
+    def of(cls, t: EnrolmentToken) -> "EnrolmentTokenPublic":
+        return cls.model_validate(t)
+
+
+class EnrolmentTokenCreated(EnrolmentTokenPublic):
+    token: str = Field(description="the one-time secret; shown only in this answer")
+
+
+class EnrolRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str = Field(max_length=MAX_TOKEN_CHARS, description="the one-time enrolment token")
+    device_id: str
+
+    @field_validator("device_id")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_enrol_device_id(v)
+
+
+class EnrolResponse(BaseModel):
+    device_id: str
+    broker_username: str
+    broker_password: str = Field(description="shown only in this answer; the fleet keeps its hash")
+    api_token: str = Field(description="the device's API token (role 'device'), for bundle downloads")
+    broker_url: str
+    fleet_url: str
+
+
+class AuditPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    detail: str

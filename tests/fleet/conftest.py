@@ -1,11 +1,13 @@
 """Fixtures for the fleet tests: real keys, fake model folders, a real amqtt broker on a free port, a real fleet
-app (SQLite file in tmp_path) behind FastAPI's TestClient, and paho clients that play devices."""
+app (SQLite file in tmp_path, authentication on, the bootstrap admin token sent by `client`) behind FastAPI's
+TestClient, and paho clients that play devices."""
 
 from __future__ import annotations
 
 import io
 import os
 import random
+import secrets
 import tarfile
 import threading
 import time
@@ -26,6 +28,20 @@ from protocol.trust import PrivateKey, generate_keypair
 from tests.net import free_port
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+ADMIN_TOKEN = "slm_" + secrets.token_urlsafe(32)  # the bootstrap admin of every test fleet
+BROKER_PASSWORD = secrets.token_urlsafe(32)  # the test fleet's own MQTT password
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def secure_settings(data_dir: Path, trusted: PrivateKey | None = None, **kwargs: object) -> Settings:
+    """Settings a fleet may start with outside demo mode: real secrets and a trusted bundle key (`trusted`'s, or a
+    fresh one's) written next to the data folder."""
+    pub = data_dir.parent / f"trusted-{os.urandom(3).hex()}.pub"
+    pub.parent.mkdir(parents=True, exist_ok=True)
+    pub.write_bytes((trusted or generate_keypair()).public.to_pem())
+    return Settings(
+        data_dir=data_dir, admin_token=ADMIN_TOKEN, broker_password=BROKER_PASSWORD, trusted_keys=[pub], **kwargs  # type: ignore[arg-type]
+    )
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
@@ -113,13 +129,17 @@ def broker() -> Iterator[EmbeddedBroker]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, broker: EmbeddedBroker) -> Settings:
-    return Settings(data_dir=tmp_path / "fleet", broker_url=broker.url, public_url="http://fleet.test:8700", client_id="fleet-test")
+def settings(tmp_path: Path, broker: EmbeddedBroker, key: PrivateKey) -> Settings:
+    """A fleet that trusts `key` (the signer of `make_bundle`), with the test admin token and broker password."""
+    return secure_settings(
+        tmp_path / "fleet", key, broker_url=broker.url, public_url="http://fleet.test:8700", client_id="fleet-test"
+    )
 
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
+    """The fleet's app; every request carries the bootstrap admin token unless a test sends its own header."""
+    with TestClient(create_app(settings), headers=ADMIN) as c:
         assert c.app.state.fleet.messaging.wait_connected(5), "fleet did not subscribe on the test broker"
         yield c
 

@@ -14,7 +14,7 @@ from fleet.bundles import read_bundle_envelope
 from fleet.settings import Settings
 from protocol.manifest import canonical_bytes
 
-from .conftest import flip_byte, make_model_dir, rewrite_envelope
+from .conftest import ADMIN, flip_byte, make_model_dir, rewrite_envelope
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def trusting_client(settings: Settings, tmp_path: Path, key) -> Iterator[TestCli
     """A fleet that accepts only bundles signed by `key`."""
     pub = tmp_path / "trusted.pub"
     pub.write_bytes(key.public.to_pem())
-    with TestClient(create_app(settings.model_copy(update={"trusted_keys": [pub]}))) as c:
+    with TestClient(create_app(settings.model_copy(update={"trusted_keys": [pub]})), headers=ADMIN) as c:
         yield c
 
 
@@ -113,7 +113,7 @@ def test_trusted_signer_is_accepted(trusting_client: TestClient, make_bundle) ->
 
 def test_oversized_and_empty_uploads_are_refused(settings: Settings, make_bundle) -> None:
     data = make_bundle().read_bytes()
-    with TestClient(create_app(settings.model_copy(update={"max_bundle_bytes": len(data) - 1}))) as c:
+    with TestClient(create_app(settings.model_copy(update={"max_bundle_bytes": len(data) - 1})), headers=ADMIN) as c:
         r = c.post("/api/v1/bundles", content=data)
         assert r.status_code == 413 and "limit" in r.json()["detail"]
         chunked = c.post("/api/v1/bundles", content=iter([data[:5000], data[5000:]]))

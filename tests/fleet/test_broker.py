@@ -12,13 +12,12 @@ from fastapi.testclient import TestClient
 
 from fleet.api.app import create_app
 from fleet.broker import EmbeddedBroker
-from fleet.settings import Settings
 from protocol import topics
 from protocol.errors import ConfigError
 from protocol.messages import Presence, encode
 from tests.net import MOSQUITTO, free_port, mosquitto
 
-from .conftest import Device, wait_until
+from .conftest import ADMIN, Device, secure_settings, wait_until
 
 
 def test_retained_message_reaches_later_subscribers_only(broker: EmbeddedBroker, devices) -> None:
@@ -60,8 +59,8 @@ def test_busy_port_is_a_config_error() -> None:
 
 def test_fleet_starts_its_own_broker_when_none_is_given(tmp_path: Path) -> None:
     port = free_port()
-    settings = Settings(data_dir=tmp_path / "fleet", embedded_broker_port=port)
-    with TestClient(create_app(settings)) as c:
+    settings = secure_settings(tmp_path / "fleet", embedded_broker_port=port)
+    with TestClient(create_app(settings), headers=ADMIN) as c:
         health = c.get("/healthz").json()
         assert health == {"status": "ok", "database": "ok", "broker": "connected", "broker_url": f"mqtt://127.0.0.1:{port}"}
         Device(port, "probe").close()
@@ -72,8 +71,8 @@ def test_fleet_starts_its_own_broker_when_none_is_given(tmp_path: Path) -> None:
 @pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 def test_fleet_speaks_mqtt5_to_mosquitto(tmp_path: Path) -> None:
     with mosquitto(tmp_path) as port:
-        settings = Settings(data_dir=tmp_path / "fleet", broker_url=f"mqtt5://127.0.0.1:{port}", client_id="fleet-v5")
-        with TestClient(create_app(settings)) as c:
+        settings = secure_settings(tmp_path / "fleet", broker_url=f"mqtt5://127.0.0.1:{port}", client_id="fleet-v5")
+        with TestClient(create_app(settings), headers=ADMIN) as c:
             assert c.app.state.fleet.messaging.wait_connected(5)
             dev = Device(port, "agent-5")
             try:

@@ -29,6 +29,8 @@ from tests.protocol.tarcraft import (
     tar,
 )
 
+from .conftest import ADMIN
+
 ONNX = FILES["model.onnx"]
 
 
@@ -54,7 +56,7 @@ CASES = [
 def trusting_client(settings: Settings, tmp_path: Path, key) -> Iterator[TestClient]:
     pub = tmp_path / "trusted.pub"
     pub.write_bytes(key.public.to_pem())
-    with TestClient(create_app(settings.model_copy(update={"trusted_keys": [pub]}))) as c:
+    with TestClient(create_app(settings.model_copy(update={"trusted_keys": [pub]})), headers=ADMIN) as c:
         yield c
 
 

@@ -20,6 +20,8 @@ from fleet.settings import Settings
 from protocol.trust import PrivateKey, PublicKey
 from tests.net import free_port, wait_port
 
+from .conftest import ADMIN, ADMIN_TOKEN
+
 runner = CliRunner()
 
 
@@ -94,15 +96,47 @@ def test_missing_key_file_is_a_one_line_error(model_dir: Path, tmp_path: Path) -
 def test_upload_deploy_and_list_against_a_running_fleet(live_fleet: str, make_bundle, devices) -> None:
     import httpx
 
-    assert httpx.post(f"{live_fleet}/api/v1/devices", json={"id": "dev-a", "groups": ["lab"]}).status_code == 201
-    up = runner.invoke(app, ["upload", str(make_bundle("tiny", 1)), "--url", live_fleet])
+    assert httpx.post(f"{live_fleet}/api/v1/devices", json={"id": "dev-a", "groups": ["lab"]}, headers=ADMIN).status_code == 201
+    anonymous = runner.invoke(app, ["upload", str(make_bundle("tiny", 1)), "--url", live_fleet], env={"SLMOPS_FLEET_TOKEN": ""})
+    assert anonymous.exit_code == 2 and "401" in anonymous.output and "--token" in anonymous.output
+    up = runner.invoke(app, ["upload", str(make_bundle("tiny", 1)), "--url", live_fleet, "--token", ADMIN_TOKEN])
     assert up.exit_code == 0 and "stored tiny v1" in up.output, up.output
-    dep = runner.invoke(app, ["deploy", "--bundle", "tiny", "--version", "1", "--group", "lab", "--url", live_fleet])
+    env = {"SLMOPS_FLEET_TOKEN": ADMIN_TOKEN}
+    dep = runner.invoke(app, ["deploy", "--bundle", "tiny", "--version", "1", "--group", "lab", "--url", live_fleet], env=env)
     assert dep.exit_code == 0 and "dev-a: pending" in dep.output, dep.output
-    listed = runner.invoke(app, ["devices", "--url", live_fleet])
+    listed = runner.invoke(app, ["devices", "--url", live_fleet], env=env)
     assert listed.exit_code == 0 and "dev-a" in listed.output and "lab" in listed.output
-    missing = runner.invoke(app, ["deploy", "--bundle", "tiny", "--version", "7", "--device", "dev-a", "--url", live_fleet])
+    missing = runner.invoke(app, ["deploy", "--bundle", "tiny", "--version", "7", "--device", "dev-a", "--url", live_fleet], env=env)
     assert missing.exit_code == 2 and "404" in missing.output
+
+
+def test_tokens_enrolment_revoke_and_audit_from_the_command_line(live_fleet: str) -> None:
+    import httpx
+
+    env = {"SLMOPS_FLEET_TOKEN": ADMIN_TOKEN}
+    made = runner.invoke(app, ["token", "create", "--name", "ci", "--role", "viewer", "--url", live_fleet], env=env)
+    assert made.exit_code == 0, made.output
+    secret = made.stdout.strip().splitlines()[-1]
+    assert secret.startswith("slm_")
+    assert httpx.get(f"{live_fleet}/api/v1/devices", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    listed = runner.invoke(app, ["token", "list", "--url", live_fleet], env=env)
+    assert listed.exit_code == 0 and "ci" in listed.output and secret not in listed.output
+    assert runner.invoke(app, ["token", "revoke", "1", "--url", live_fleet], env=env).exit_code == 0
+    assert httpx.get(f"{live_fleet}/api/v1/devices", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    viewer_tries = runner.invoke(app, ["audit", "--url", live_fleet, "--token", secret])
+    assert viewer_tries.exit_code == 2 and "401" in viewer_tries.output
+
+    enrol_token = runner.invoke(app, ["enrol-token", "create", "--group", "lab", "--device", "dev-e", "--url", live_fleet], env=env)
+    assert enrol_token.exit_code == 0, enrol_token.output
+    one_time = enrol_token.stdout.strip().splitlines()[-1]
+    r = httpx.post(f"{live_fleet}/api/v1/enrol", json={"token": one_time, "device_id": "dev-e"})
+    assert r.status_code == 201, r.text
+    gone = runner.invoke(app, ["revoke", "dev-e", "--url", live_fleet], env=env)
+    assert gone.exit_code == 0 and "revoked" in gone.output
+    log = runner.invoke(app, ["audit", "--url", live_fleet], env=env)
+    assert log.exit_code == 0
+    for action in ("token.created", "token.revoked", "enrolment_token.created", "device.enrolled", "device.revoked"):
+        assert action in log.output
 
 
 def test_unreachable_fleet_is_a_transport_error() -> None:

@@ -32,9 +32,11 @@ def check_story(tmp: Path, model: Path, broker_url: str | None) -> None:
         build_bundle(folder, bundles[v], name="triage", version=v, signers=[key], now=now)
 
     fleet = FleetServer(tmp / "fleet", broker_url=broker_url, trusted_keys=(pub,)).start()
-    client = FleetClient(fleet.url)
-    agents = [AgentProcess(d, tmp / d, fleet.broker_url, pub, tmp / f"{d}.log") for d in DEVICES]
+    client = FleetClient(fleet.url, token=fleet.admin_token)
+    agents: list[AgentProcess] = []
     try:
+        for d in DEVICES:  # each device enrols with its own one-time token: its own broker secret and API token
+            agents.append(AgentProcess(d, tmp / d, fleet.broker_url, pub, tmp / f"{d}.log", identity=client.enrol(d, ["demo"])))
         for a in agents:
             a.start()
         for a in agents:

@@ -7,6 +7,9 @@ any of its bytes is hashed) and every file's hash; only then is the row inserted
 `bundles/<name>/<version>.bundle`. The same name and version with the same bytes is accepted again (200); with
 other bytes it is a 409. Anything refused leaves nothing behind. Names and versions in URLs pass
 `protocol.manifest`'s strict identifier checks (422 `bad_identifier` otherwise) before they reach the database.
+
+Who: uploads need an operator (or admin); reads a viewer; the file an operator, an admin, or a device token whose
+device is a target of a deployment of that very bundle (403 for any other bundle).
 """
 
 from __future__ import annotations
@@ -21,18 +24,18 @@ from starlette.concurrency import run_in_threadpool
 from protocol.errors import ManifestError
 from protocol.manifest import check_name, check_version
 
-from ... import crud
+from ... import auth, crud
 from ...bundles import Upload, read_bundle_envelope, signer_keyids, verify_bundle
-from ...errors import ConflictError, NotFoundError, TooLargeError
+from ...errors import ConflictError, ForbiddenError, NotFoundError, TooLargeError
 from ...models import Bundle
-from ..deps import Fleet, FleetDep, SessionDep
+from ..deps import Downloader, Fleet, FleetDep, Operator, Reader, SessionDep
 from ..schemas import BundleDetail, BundleSummary
 
 router = APIRouter(prefix="/api/v1/bundles", tags=["bundles"])
 
 
 @router.post("", response_model=BundleSummary, status_code=status.HTTP_201_CREATED)
-async def upload_bundle(request: Request, fleet: FleetDep, response: Response) -> BundleSummary:
+async def upload_bundle(request: Request, fleet: FleetDep, response: Response, caller: Operator) -> BundleSummary:
     """Store a bundle sent as the raw request body (201 new, 200 already stored with the same bytes)."""
     cap = fleet.settings.max_bundle_bytes
     declared = request.headers.get("content-length", "")
@@ -45,13 +48,13 @@ async def upload_bundle(request: Request, fleet: FleetDep, response: Response) -
                 raise TooLargeError(f"bundle passed the fleet's {cap} byte limit (SLMOPS_FLEET_MAX_BUNDLE_BYTES)")
         if upload.size == 0:
             raise ManifestError("the request body is empty; send the bundle file's bytes (Content-Type: application/octet-stream)")
-        summary, created = await run_in_threadpool(_ingest, fleet, upload)
+        summary, created = await run_in_threadpool(_ingest, fleet, upload, caller.name)
     if not created:
         response.status_code = status.HTTP_200_OK
     return summary
 
 
-def _ingest(fleet: Fleet, upload: Upload) -> tuple[BundleSummary, bool]:
+def _ingest(fleet: Fleet, upload: Upload, actor: str) -> tuple[BundleSummary, bool]:
     now = datetime.now(timezone.utc)
     upload.finish()
     manifest = verify_bundle(upload.path, fleet.keyring, now=now)
@@ -81,6 +84,8 @@ def _ingest(fleet: Fleet, upload: Upload) -> tuple[BundleSummary, bool]:
             )
         except IntegrityError as exc:
             raise ConflictError(f"bundle {name} v{version} is being stored by another upload right now; retry") from exc
+        auth.audit(s, actor=actor, action="bundle.uploaded", target=f"bundle:{name}:{version}",
+                   detail=f"sha256={upload.sha256} size={upload.size} signers={','.join(k[:16] for k in keyids)}", now=now)  # fmt: skip
         fleet.store.commit(upload, name=name, version=version)
     warning = None
     if latest is not None and version < latest:
@@ -92,20 +97,26 @@ def _ingest(fleet: Fleet, upload: Upload) -> tuple[BundleSummary, bool]:
 
 
 @router.get("", response_model=list[BundleSummary])
-def list_bundles(s: SessionDep, name: str | None = None) -> list[BundleSummary]:
+def list_bundles(s: SessionDep, _caller: Reader, name: str | None = None) -> list[BundleSummary]:
     if name is not None:
         check_name(name)
     return [BundleSummary.of(b) for b in crud.list_bundles(s, name=name)]
 
 
 @router.get("/{name}/{version}", response_model=BundleDetail)
-def get_bundle(name: str, version: int, s: SessionDep) -> BundleDetail:
+def get_bundle(name: str, version: int, s: SessionDep, _caller: Reader) -> BundleDetail:
     return BundleDetail.full(_bundle(s, name, version))
 
 
 @router.api_route("/{name}/{version}/file", methods=["GET", "HEAD"], response_class=FileResponse)
-def download_bundle(name: str, version: int, s: SessionDep, fleet: FleetDep) -> FileResponse:
+def download_bundle(name: str, version: int, s: SessionDep, fleet: FleetDep, caller: Downloader) -> FileResponse:
     """The bundle file; `Range: bytes=a-b` gets 206 with those bytes, and the ETag is the file's sha256."""
+    check_name(name)
+    check_version(version)
+    if caller.role == "device":
+        assert caller.device_id is not None
+        if not auth.device_may_download(s, device_id=caller.device_id, name=name, version=version):
+            raise ForbiddenError(f"bundle {name} v{version} is not deployed to device {caller.device_id!r}")
     bundle = _bundle(s, name, version)
     path = fleet.store.path(bundle.storage_path)
     if not path.is_file():

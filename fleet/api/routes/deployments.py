@@ -10,17 +10,18 @@ from datetime import datetime, timezone
 
 from fastapi import APIRouter, status
 
-from ... import crud
+from ... import auth, crud
 from ...deployments import plan_deployment
 from ...errors import NotFoundError
-from ..deps import FleetDep, SessionDep
+from ..deps import FleetDep, Operator, Reader, SessionDep
 from ..schemas import DeploymentCreate, DeploymentPublic
 
 router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"])
 
 
 @router.post("", response_model=DeploymentPublic, status_code=status.HTTP_201_CREATED)
-def create_deployment(body: DeploymentCreate, s: SessionDep, fleet: FleetDep) -> DeploymentPublic:
+def create_deployment(body: DeploymentCreate, s: SessionDep, fleet: FleetDep, caller: Operator) -> DeploymentPublic:
+    now = datetime.now(timezone.utc)
     with s.begin():
         deployment, commands = plan_deployment(
             s,
@@ -29,8 +30,11 @@ def create_deployment(body: DeploymentCreate, s: SessionDep, fleet: FleetDep) ->
             version=body.version,
             device_id=body.device_id,
             group=body.group,
-            now=datetime.now(timezone.utc),
+            now=now,
         )
+        target = f"device={body.device_id}" if body.device_id is not None else f"group={body.group}"
+        auth.audit(s, actor=caller.name, action="deployment.created", target=f"deployment:{deployment.id}",
+                   detail=f"{body.bundle} v{body.version} {target} devices={len(commands)}", now=now)  # fmt: skip
         out = DeploymentPublic.of(deployment)
     for command in commands:
         fleet.messaging.publish_deploy(command)
@@ -38,12 +42,12 @@ def create_deployment(body: DeploymentCreate, s: SessionDep, fleet: FleetDep) ->
 
 
 @router.get("", response_model=list[DeploymentPublic])
-def list_deployments(s: SessionDep, limit: int = 100) -> list[DeploymentPublic]:
+def list_deployments(s: SessionDep, _caller: Reader, limit: int = 100) -> list[DeploymentPublic]:
     return [DeploymentPublic.of(d) for d in crud.list_deployments(s, limit=max(1, min(limit, 1000)))]
 
 
 @router.get("/{deployment_id}", response_model=DeploymentPublic)
-def get_deployment(deployment_id: str, s: SessionDep) -> DeploymentPublic:
+def get_deployment(deployment_id: str, s: SessionDep, _caller: Reader) -> DeploymentPublic:
     deployment = crud.get_deployment(s, deployment_id=deployment_id)
     if deployment is None:
         raise NotFoundError(f"deployment {deployment_id!r} does not exist; see GET /api/v1/deployments")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy.orm import Session
 
 from ... import crud
-from ..deps import FleetDep, SessionDep
+from ..deps import FleetDep, SessionDep, metrics_access
 
 router = APIRouter(tags=["metrics"])
 
@@ -32,7 +32,7 @@ class FleetCollector:
         )
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(metrics_access)])
 def metrics(s: SessionDep, fleet: FleetDep) -> Response:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(s, fleet.messaging.connected))
