@@ -403,6 +403,20 @@ def test_fleet_server_without_tls_still_serves_plain_http(tmp_path: Path) -> Non
 # ---- slmops fleet serve ---------------------------------------------------------------------------------------
 
 
+def _secure(tmp_path: Path) -> tuple[dict[str, str], list[str]]:
+    """What `fleet serve` needs to start outside demo mode: real secrets in the environment and a trusted key."""
+    import secrets as _secrets
+
+    from protocol.trust import generate_keypair
+
+    pub = tmp_path / "trusted.pub"
+    pub.write_bytes(generate_keypair().public.to_pem())
+    env = {"SLMOPS_FLEET_ADMIN_TOKEN": "slm_" + _secrets.token_urlsafe(32),
+           "SLMOPS_FLEET_BROKER_PASSWORD": _secrets.token_urlsafe(32)}
+    return env, ["--trusted-key", str(pub)]
+
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
@@ -418,7 +432,9 @@ def test_fleet_serve_refuses_a_bad_tls_setup_before_listening(certs: Pki, tmp_pa
 
     values = {"cert": certs.server.cert_file, "key": certs.server.key_file, "crl": certs.crl, "tmp": tmp_path}
     port = free_port()
-    r = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path / "d"), "--port", str(port), *[a.format(**values) for a in args]])
+    env, trusted = _secure(tmp_path)
+    r = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path / "d"), "--port", str(port), *trusted,
+                                 *[a.format(**values) for a in args]], env=env)
     assert r.exit_code == 2 and match in r.output, r.output
     assert not (tmp_path / "d" / "fleet.db").exists()  # nothing started
 
@@ -483,9 +499,10 @@ def test_fleet_serve_with_mutual_tls_takes_a_new_crl_on_sighup(fresh: Fresh, tmp
     cmd = [sys.executable, "-m", "slmops.cli", "fleet", "serve", "--data-dir", str(tmp_path / "d"), "--port", str(port),
            "--broker-port", str(broker_port), "--tls-cert", str(fresh.server.cert_file), "--tls-key", str(fresh.server.key_file),
            "--tls-client-ca", str(d / "ca.pem"), "--tls-crl", str(d / "crl.pem")]
+    env, trusted = _secure(tmp_path)
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd + trusted, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **env})
     url = f"https://127.0.0.1:{port}/healthz"
     try:
         wait_port(port, timeout=20)
