@@ -14,7 +14,9 @@ Workflow of `CommandGate`:
   4. origin: a deploy's bundle URL must be on a configured bundle origin (scheme, host and port equal, no user
      info, query or fragment, a plain path under /api/v1/bundles/);
   5. the new seq is written (state/commands.json, then its copy state/commands.2.json; the higher valid copy wins
-     at start, so a torn write never takes it back) BEFORE the command is acted on.
+     at start, so a torn write never takes it back) BEFORE the command is acted on. When the disk refuses (full,
+     read-only) the seq is held in memory and the command still runs, so its update meets the same disk and the
+     fleet hears why (disk_full, read_only) instead of nothing.
   A dropped command is counted by reason (`REASONS`, agent/metrics.py), logged on one line, and never acted on.
 - `bundle_keyring()` is the bundles role of the current root: after a rotation new bundle keys work at once.
 
@@ -175,8 +177,8 @@ class CommandGate:
         recent = [*self._recent, cmd.seq][-RECENT:]
         try:
             self._write_seq(cmd.seq, recent)
-        except OSError as exc:
-            return "storage", f"cannot store the command seq ({exc.strerror}); not acting on it"
+        except OSError as exc:  # the update meets the same disk and reports it; this run still refuses replays
+            log.error("cannot store command seq %d (%s); holding it in memory", cmd.seq, exc.strerror)
         self._seq, self._recent = cmd.seq, recent
         return None
 

@@ -17,7 +17,7 @@ disable_created_metrics()  # the *_created series double the page and say nothin
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TTFT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
-COMMAND_DROP_REASONS = ("forged", "replayed", "reordered", "wrong_origin", "root_unavailable", "storage")
+COMMAND_DROP_REASONS = ("forged", "replayed", "reordered", "wrong_origin", "root_unavailable")
 UPDATE_STATES = ("idle", "download", "verify", "install", "health_check", "commit", "rollback", "cleanup")
 
 
@@ -82,7 +82,7 @@ class Metrics:
             self.cancelled.labels(reason)
         self.commands_dropped = Counter(
             "slmops_agent_commands_dropped", "Fleet commands dropped unacted: forged, replayed, reordered, "
-            "wrong_origin (bundle URL off the fleet), root_unavailable (no current trust root), storage",
+            "wrong_origin (bundle URL off the fleet), root_unavailable (no current trust root)",
             ["reason"], registry=r)
         for reason in COMMAND_DROP_REASONS:
             self.commands_dropped.labels(reason)
