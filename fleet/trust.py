@@ -238,18 +238,17 @@ def rotate_trust(
     fresh = [generate_keypair() for _ in range(1 if role == "commands" else (new if new is not None else 0 if remove else 1))]
     if role == "commands":
         ids = []
-        old = folder / "commands.key"
-        if old.exists():
-            old_key = _private(old)
-            for ext in ("key", "pub"):
-                os.replace(folder / f"commands.{ext}", folder / f"commands-{old_key.keyid[:16]}.{ext}")
-    for k in fresh:
-        write_key(folder, "commands" if role == "commands" else f"{role}-{k.keyid[:16]}", k)
-        ids.append(k.keyid)
+    ids += [k.keyid for k in fresh]
     t = threshold if threshold is not None else min(signed["roles"][role]["threshold"], len(ids))
     signed["roles"][role] = {"keyids": ids, "threshold": t}
-    extra = {k.keyid: k.public for k in fresh}
-    return _next(folder, current, signed, extra, now=now, days=expires_in_days)
+    data = _next(folder, current, signed, fresh, now=now, days=expires_in_days)  # checked before anything is written
+    if role == "commands" and (folder / "commands.key").exists():
+        old_key = _private(folder / "commands.key")
+        for ext in ("key", "pub"):
+            os.replace(folder / f"commands.{ext}", folder / f"commands-{old_key.keyid[:16]}.{ext}")
+    for k in fresh:
+        write_key(folder, "commands" if role == "commands" else f"{role}-{k.keyid[:16]}", k)
+    return _publish(folder, current.version + 1, data)
 
 
 def revoke_key(folder: Path, keyid: str, *, now: datetime, expires_in_days: int = DEFAULT_ROOT_DAYS) -> Root:
@@ -267,12 +266,13 @@ def revoke_key(folder: Path, keyid: str, *, now: datetime, expires_in_days: int 
                 raise ConfigError(f"revoking {keyid[:16]} leaves role {name} {len(role['keyids'])} key(s) for threshold "
                                   f"{role['threshold']}; rotate a new key in first")
     signed["revoked"] = sorted({*signed["revoked"], keyid})
-    return _next(folder, current, signed, {}, now=now, days=expires_in_days)
+    return _publish(folder, current.version + 1, _next(folder, current, signed, [], now=now, days=expires_in_days))
 
 
-def _next(folder: Path, current: Root, signed: dict, extra: dict, *, now: datetime, days: int) -> Root:
+def _next(folder: Path, current: Root, signed: dict, fresh: list[PrivateKey], *, now: datetime, days: int) -> bytes:
+    """The next root's envelope, signed by every root key at hand (old role and new) and checked as a device would."""
     used = {k for r in signed["roles"].values() for k in r["keyids"]}
-    pubs = {**dict(current.keys), **extra}
+    pubs = {**dict(current.keys), **{k.keyid: k.public for k in fresh}}
     try:
         doc = root_signed(
             version=current.version + 1, expires=now + timedelta(days=days), keys=[pubs[k] for k in sorted(used)],
@@ -281,15 +281,15 @@ def _next(folder: Path, current: Root, signed: dict, extra: dict, *, now: dateti
     except SlmopsError as exc:
         raise ConfigError(f"the next root would be invalid: {exc}") from exc
     wanted = set(current.roles["root"].keyids) | set(doc["roles"]["root"]["keyids"])
-    signers = [k for k in _private_keys(folder) if k.keyid in wanted and k.keyid not in current.revoked]
+    signers = [k for k in [*_private_keys(folder), *fresh] if k.keyid in wanted and k.keyid not in current.revoked]
     if not signers:
         raise ConfigError(f"no root key of {folder} can sign the next root; put the root-*.key files back")
     data = sign_root(doc, signers)
     try:
-        root = verify_next_root(current, data)
+        verify_next_root(current, data)
     except SlmopsError as exc:
         raise ConfigError(f"the next root would not be accepted by devices: {exc}; are the root-*.key files there?") from exc
-    return _publish(folder, root.version, data)
+    return data
 
 
 def _private_keys(folder: Path) -> list[PrivateKey]:
