@@ -2,8 +2,9 @@
 
 Parts, each started on free loopback ports and stopped by its owner:
 - `FleetServer`: the fleet's FastAPI app under uvicorn in this process, with its embedded broker (or an external
-  broker URL) and a SQLite database in a work folder;
-- `AgentProcess`: one `slmops agent run` child process per device, each with its own data folder and local API;
+  broker URL), a SQLite database in a work folder and a trust folder (`slmops keys init`) that signs its commands;
+- `AgentProcess`: one `slmops agent run` child process per device, each with its own data folder and local API,
+  provisioned with the fleet's root.json and its URL as the only bundle origin;
 - `FleetClient`: the fleet's HTTP API as an operator uses it (register, upload, deploy, wait, inspect).
 `rollout(...)` deploys a bundle to a group and waits for every device's terminal report; `ask(...)` puts a
 question to a device's local API. `damaged_copy(...)` makes the deliberately broken model of the story.
@@ -60,7 +61,8 @@ def damaged_copy(src: Path, dest: Path, *, seed: int = 0) -> Path:
 class FleetServer:
     """The fleet service in this process: HTTP API, MQTT ingest, embedded broker (unless one is given)."""
 
-    def __init__(self, workdir: Path, *, broker_url: str | None = None, trusted_keys: tuple[Path, ...] = ()) -> None:
+    def __init__(self, workdir: Path, *, broker_url: str | None = None, trust_dir: Path | None = None,
+                 trusted_keys: tuple[Path, ...] = ()) -> None:
         from fleet.settings import Settings
 
         self.port = free_port()
@@ -70,6 +72,7 @@ class FleetServer:
             broker_url=broker_url,
             embedded_broker_port=free_port(),
             client_id=f"slmops-fleet-{os.getpid()}-{self.port}",
+            trust_dir=trust_dir,
             trusted_keys=list(trusted_keys),
         )
         self._server = None
@@ -108,12 +111,13 @@ class FleetServer:
 
 @dataclass
 class AgentProcess:
-    """One device: `slmops agent run` in a child process."""
+    """One device: `slmops agent run` in a child process, provisioned with the fleet's root.json."""
 
     device_id: str
     data_dir: Path
     broker_url: str
-    trusted_key: Path
+    trust_root: Path
+    bundle_origin: str
     log_path: Path
     api_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
@@ -128,7 +132,8 @@ class AgentProcess:
             "--device-id", self.device_id,
             "--data-dir", str(self.data_dir),
             "--broker", self.broker_url,
-            "--trusted-key", str(self.trusted_key),
+            "--trust-root", str(self.trust_root),
+            "--bundle-origin", self.bundle_origin,
             "--api-port", str(self.api_port),
             "--telemetry-interval", "2",
         ]
