@@ -21,7 +21,7 @@ from fleet.trust import load_trust
 from protocol import topics
 from protocol.errors import SignatureError
 from protocol.messages import DeployCommand, parse_message
-from protocol.root import load_trusted_root, verify_next_root, walk_chain
+from protocol.root import load_trusted_root, walk_chain
 from protocol.trust import PrivateKey, sign_envelope, verify_envelope, verify_message
 
 from .conftest import wait_until
