@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from protocol.errors import ConfigError
 from protocol.topics import check_device_id
-from protocol.trust import Keyring, PublicKey
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+Origin = tuple[str, str, int]  # scheme, host (lowercase), port
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,20 @@ class Serving:
             raise ConfigError("an API key must be at least 16 characters long")
 
 
+def parse_origin(url: str) -> Origin:
+    """A configured bundle origin, http(s)://host[:port] with nothing after it; ConfigError otherwise."""
+    try:
+        u = urlsplit(url.strip())
+        port = u.port
+    except ValueError as exc:
+        raise ConfigError(f"bundle origin {url[:80]!r} is not a URL: {exc}") from exc
+    scheme = u.scheme.lower()
+    if scheme not in DEFAULT_PORTS or not u.hostname or u.username or u.password or u.query or u.fragment \
+            or u.path not in ("", "/"):
+        raise ConfigError(f"bundle origin {url[:80]!r} must be http(s)://host[:port], the fleet's public URL")
+    return scheme, u.hostname.lower(), port or DEFAULT_PORTS[scheme]
+
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -68,8 +85,8 @@ class AgentConfig:
     device_id: str
     data_dir: Path
     broker_url: str = "mqtt://127.0.0.1:1883"
-    trusted_keys: tuple[Path, ...] = ()
-    threshold: int = 1
+    trust_root: Path | None = None  # root.json the device is provisioned with (required; see agent/commands.py)
+    bundle_origins: tuple[str, ...] = ()  # the fleet's public URLs; bundle URLs must be on one (required)
     api_host: str = "127.0.0.1"
     api_port: int = 8800  # 0: pick a free port
     telemetry_interval_s: float = 30.0  # seconds between telemetry samples
@@ -83,19 +100,18 @@ class AgentConfig:
     def __post_init__(self) -> None:
         check_device_id(self.device_id)
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.trust_root is None:
+            raise ConfigError("no trust root given: pass --trust-root PATH (the root.json made by 'slmops keys init' "
+                              "or served at <fleet>/api/v1/trust/root.json)")
+        object.__setattr__(self, "trust_root", Path(self.trust_root))
+        if not self.bundle_origins:
+            raise ConfigError("no bundle origin given: pass --bundle-origin URL (the fleet's public URL, e.g. "
+                              "http://fleet.example:8700); bundles are downloaded only from there")
+        object.__setattr__(self, "bundle_origins", tuple(self.bundle_origins))
+        for origin in self.bundle_origins:
+            parse_origin(origin)
         if self.api_host not in LOOPBACK_HOSTS and not self.serving.api_key:
             raise ConfigError(
                 f"the local API would listen on {self.api_host}, beyond this device: set an API key "
                 "(--api-key or SLMOPS_AGENT_API_KEY) so that only your applications can use the model"
             )
-
-    def keyring(self) -> Keyring:
-        if not self.trusted_keys:
-            raise ConfigError("no trusted key given: pass --trusted-key PATH.pub (the fleet's public signing key)")
-        keys = []
-        for path in self.trusted_keys:
-            try:
-                keys.append(PublicKey.from_pem(Path(path).read_bytes()))
-            except OSError as exc:
-                raise ConfigError(f"cannot read trusted key {path}: {exc.strerror}") from exc
-        return Keyring(tuple(keys), self.threshold)

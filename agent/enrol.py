@@ -133,6 +133,7 @@ class Credentials:
     fleet_token: str | None = field(default=None, repr=False)
     broker_username: str | None = None
     broker_password: str | None = field(default=None, repr=False)
+    bundle_origins: tuple[str, ...] = ()  # the enrolled fleet's URL: where bundles (and new roots) come from
 
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -152,4 +153,5 @@ def resolve(data_dir: Path, device_id: str, *, fleet_token: str | None, broker_u
         fleet_token=fleet_token or identity.api_token,
         broker_username=identity.broker_username,
         broker_password=identity.broker_password,
+        bundle_origins=(identity.fleet_url,),
     )

@@ -2,7 +2,8 @@
 
 Workflow: one `Metrics` per agent holds its own registry (no process-global state, so tests can build many). The
 scheduler counts queue depth, cancellations, tokens, time to first token and inter-token latency; the API counts
-requests by route and status; the model served and the update state are read at scrape time through callables.
+requests by route and status; the command gate counts dropped commands by reason; the model served and the
+update state are read at scrape time through callables.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ disable_created_metrics()  # the *_created series double the page and say nothin
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TTFT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+COMMAND_DROP_REASONS = ("forged", "replayed", "reordered", "wrong_origin", "root_unavailable")
 UPDATE_STATES = ("idle", "download", "verify", "install", "health_check", "commit", "rollback", "cleanup")
 
 
@@ -78,6 +80,12 @@ class Metrics:
         self.tokens_per_s = Gauge("slmops_agent_tokens_per_second", "Decode speed of the last finished generation", registry=r)
         for reason in ("client_gone", "deadline", "shutdown"):
             self.cancelled.labels(reason)
+        self.commands_dropped = Counter(
+            "slmops_agent_commands_dropped", "Fleet commands dropped unacted: forged, replayed, reordered, "
+            "wrong_origin (bundle URL off the fleet), root_unavailable (no current trust root)",
+            ["reason"], registry=r)
+        for reason in COMMAND_DROP_REASONS:
+            self.commands_dropped.labels(reason)
 
     def watch_model(self, model: Callable[[], tuple[str, int] | None]) -> None:
         """Report the served model (name, version), read when scraped."""

@@ -4,7 +4,8 @@ Workflow of `Agent.start()`:
 1. load the active model from `versions/` (if any) into the scheduler and start its generation workers, so the
    local API serves at once;
 2. start the local OpenAI-compatible API on 127.0.0.1 (the API never waits for the broker);
-3. connect to the broker (persistent session, last will);
+3. connect to the broker (persistent session, last will); every command it hands over passes the command gate
+   (agent/commands.py: signature by the trust root's command key, order, bundle origin) or is dropped;
 4. start the update worker: it first finishes an update a restart interrupted, then runs deploy commands one at a
    time as they arrive; after each it re-announces presence with the active model;
 5. start telemetry: samples go through the on-disk outbox (<data_dir>/outbox/) at QoS 1 (agent/telemetry.py).
@@ -39,6 +40,7 @@ from protocol.messages import (
 
 from . import __version__, telemetry
 from .api import create_app
+from .commands import CommandGate, RootFetcher
 from .config import AgentConfig
 from .link import Link
 from .metrics import Metrics
@@ -61,6 +63,14 @@ class Agent:
         token = {"Authorization": f"Bearer {config.fleet_token}"} if config.fleet_token else None
         self.http = httpx.Client(follow_redirects=True, headers=token)  # httpx drops the header on cross-origin redirects
         self.commands: queue.Queue[DeployCommand | CancelCommand | None] = queue.Queue()
+        assert config.trust_root is not None  # AgentConfig requires it
+        self.gate = CommandGate(
+            self.store.state_dir,
+            provisioned=config.trust_root,
+            origins=config.bundle_origins,
+            fetch=RootFetcher(self.http, config.bundle_origins[0]),
+            metrics=self.metrics,
+        )
         self.link = Link(
             config.device_id,
             config.broker_url,
@@ -73,7 +83,7 @@ class Agent:
         self.updater = Updater(
             store=self.store,
             runtime=self.scheduler,
-            keyring=config.keyring(),
+            keyring=self.gate.bundle_keyring,  # the current root's bundles role, read at each verification
             limits=config.limits,
             client=self.http,
             report=self._report,
@@ -198,8 +208,12 @@ class Agent:
         raise SlmopsError(f"local API did not start on {self.config.api_host}:{self.api_port}")
 
     def _command(self, message: DeployCommand | CancelCommand) -> None:
-        """From the link's thread: a cancel takes effect at once (the running update checks it between download
-        chunks and before VERIFY and INSTALL; a queued one is answered when its turn comes); deploys are queued."""
+        """From the link's thread: only a command the gate admits (signed by the fleet's command key, newer than
+        the last one, bundle on the fleet's origin) is acted on. A cancel takes effect at once (the running update
+        checks it between download chunks and before VERIFY and INSTALL; a queued one is answered when its turn
+        comes); deploys are queued."""
+        if not self.gate.admit(message):
+            return
         if isinstance(message, CancelCommand):
             self.updater.cancel(message.deployment_id)
             return

@@ -312,6 +312,14 @@ class Store:
                 return str(exc)
         return None
 
+    def trusted_manifest(self, ref: ModelRef) -> dict[str, Any] | None:
+        """The verified manifest this device keeps for an installed version, or None (none kept, or unreadable)."""
+        try:
+            doc = read_json(self.manifest_file(ref))
+        except StateDamagedError:
+            return None
+        return doc if isinstance(doc, dict) else None
+
     def install(self, unpacked: Path, ref: ModelRef, manifest: dict[str, Any] | None = None) -> Path:
         """Move a verified staging folder into versions/ (idempotent: a finished move is left alone).
 

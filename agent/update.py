@@ -15,7 +15,9 @@ Rules (after Mender):
   HEALTH_CHECK or COMMIT -> ROLLBACK; stopped in ROLLBACK or CLEANUP -> run it again. Every handler is idempotent.
   The updater keeps the record in memory too: when the disk refuses to store it, the update still runs to its end
   and reports.
-- Nothing is installed into `versions/` before the bundle's signature and every file hash are verified.
+- Nothing is installed into `versions/` before the bundle's signature (a threshold of the trust root's bundles
+  role), expiry, version floor, target (`check_target`) and every file hash are verified; a bundle that reuses an
+  installed name and version with other content is refused (`VersionReusedError`).
 - The active pointer is snapshotted when the update starts; ROLLBACK writes that snapshot back and makes the
   runtime serve the model it names. CLEANUP always runs and sends the one terminal status report.
 - A state entered more than `MAX_ENTRIES` times in one update is a loop: the step fails.
@@ -51,8 +53,9 @@ from protocol.errors import (
     StorageError,
     SupersededError,
     UpdateCancelledError,
+    VersionReusedError,
 )
-from protocol.manifest import Manifest
+from protocol.manifest import Manifest, canonical_bytes
 from protocol.messages import BundleRef, CancelCommand, DeployCommand, UpdateState
 from protocol.trust import Keyring, verify_envelope
 
@@ -66,6 +69,27 @@ from .store import ModelRef, Store, storage_error
 log = logging.getLogger("slmops.agent.update")
 MAX_ENTRIES = 3
 CANCELS = 200  # cancelled deployment ids remembered (a cancel may arrive before its deploy command)
+
+
+# what this agent runs: bundles for another runtime, precision or execution provider are refused in VERIFY
+RUNTIMES = ("onnxruntime-genai",)
+PRECISIONS = ("int4", "int8", "fp32")  # fp16 onnxruntime-genai models need a GPU execution provider
+EXECUTION_PROVIDERS = ("cpu",)
+
+
+def check_target(manifest: Manifest) -> None:
+    """IncompatibleTargetError unless this agent can run the bundle's target (runtime, precision, provider)."""
+    t = manifest.target
+    if manifest.base is not None:
+        raise IncompatibleTargetError("adapter-only bundles are not supported by this agent version")
+    if t.runtime not in RUNTIMES or manifest.format not in RUNTIMES:
+        raise IncompatibleTargetError(f"bundle targets runtime {t.runtime!r}; this agent runs {RUNTIMES[0]!r}")
+    if t.precision not in PRECISIONS:
+        raise IncompatibleTargetError(f"bundle is {t.precision}; this agent runs {', '.join(PRECISIONS)} on the CPU")
+    if t.execution_provider not in EXECUTION_PROVIDERS:
+        raise IncompatibleTargetError(
+            f"bundle targets execution provider {t.execution_provider[:40]!r}; this agent runs 'cpu'"
+        )
 
 
 class State(str, Enum):
@@ -186,13 +210,15 @@ class Updater:
         *,
         store: Store,
         runtime: Scheduler,
-        keyring: Keyring,
+        keyring: Keyring | Callable[[], Keyring],
         limits: Limits,
         client: httpx.Client,
         report: Reporter,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
-        self.store, self.runtime, self.keyring, self.limits = store, runtime, keyring, limits
+        self.store, self.runtime, self.limits = store, runtime, limits
+        # the bundle keyring, or a function giving the current one (the trust root's bundles role, which rotates)
+        self.keyring: Callable[[], Keyring] = keyring if callable(keyring) else (lambda: keyring)
         self.client, self.report, self.clock = client, report, clock
         self._candidate: LoadedModel | None = None
         self.state = S.IDLE  # the state being run, for /metrics
@@ -361,17 +387,18 @@ class Updater:
         path = self._bundle_file(rec)
         with path.open("rb") as f:
             envelope = read_envelope(f)
-        manifest = verify_envelope(envelope, self.keyring, now=self.clock(), min_version=self.store.floor(rec.ref.name))
+        manifest = verify_envelope(envelope, self.keyring(), now=self.clock(), min_version=self.store.floor(rec.ref.name))
         if (manifest.name, manifest.version) != (rec.ref.name, rec.ref.version):
             raise ManifestError(
                 f"bundle holds {manifest.name} v{manifest.version} but the deploy command named "
                 f"{rec.ref.name} v{rec.ref.version}"
             )
-        if manifest.base is not None:
-            raise IncompatibleTargetError("adapter-only bundles are not supported by this agent version")
-        if manifest.target.execution_provider != "cpu":
-            raise IncompatibleTargetError(
-                f"bundle targets execution provider {manifest.target.execution_provider!r}; this agent runs 'cpu'"
+        check_target(manifest)
+        known = self.store.trusted_manifest(rec.ref)
+        if known is not None and canonical_bytes(known) != canonical_bytes(manifest.to_signed()):
+            raise VersionReusedError(
+                f"bundle {manifest.name} v{manifest.version} differs from the v{manifest.version} this device already "
+                "installed; publish the change with a higher version"
             )
         unpacked = self._unpacked(rec)
         shutil.rmtree(unpacked, ignore_errors=True)

@@ -40,15 +40,17 @@ def free_port() -> int:
 
 
 class Workspace:
-    """A trusted key and agent data folders under `root` (deleted by `close`)."""
+    """A trust root and agent data folders under `root` (deleted by `close`)."""
 
     def __init__(self, root: Path) -> None:
-        from protocol.trust import generate_keypair
+        from datetime import datetime, timezone
+
+        from fleet.trust import init_trust
 
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.public_key = root / "bench.pub"
-        self.public_key.write_bytes(generate_keypair().public.to_pem())
+        init_trust(root / "trust", now=datetime.now(timezone.utc))
+        self.trust_root = root / "trust" / "root.json"
         self._dirs: dict[str, Path] = {}
 
     def data_dir(self, name: str, model_folder: Path | None) -> Path:
@@ -73,13 +75,14 @@ class Workspace:
 
 
 class AgentProcess:
-    def __init__(self, data_dir: Path, public_key: Path, *, threads: int, spin: bool, workers: int = 1,
+    def __init__(self, data_dir: Path, trust_root: Path, *, threads: int, spin: bool, workers: int = 1,
                  queue_size: int = 16, log_path: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [
             sys.executable, "-m", "slmops.cli", "agent", "run",
-            "--device-id", "bench-1", "--data-dir", str(data_dir), "--trusted-key", str(public_key),
+            "--device-id", "bench-1", "--data-dir", str(data_dir), "--trust-root", str(trust_root),
+            "--bundle-origin", "http://127.0.0.1:1",
             "--api-port", str(self.port), "--broker", f"mqtt://127.0.0.1:{free_port()}",
             "--telemetry-interval", "3600", "--threads", str(threads), "--spin" if spin else "--no-spin",
             "--workers", str(workers), "--queue-size", str(queue_size), "--log-level", "WARNING",

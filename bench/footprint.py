@@ -21,7 +21,7 @@ def footprint(ws: Workspace, models: dict[str, Path], *, threads: int, spin: boo
         data = ws.data_dir(name, folder)
         startups, rss, os_threads = [], None, None
         for i in range(repeats):
-            with AgentProcess(data, ws.public_key, threads=threads, spin=spin) as agent:
+            with AgentProcess(data, ws.trust_root, threads=threads, spin=spin) as agent:
                 startups.append(round(agent.start(expect_model=folder is not None), 3))
                 if i == repeats - 1:
                     rss = agent.rss_mb(settle_s=settle_s)

@@ -1,6 +1,7 @@
 """Long fuzz run of every parser of outside input: `python -m bench.fuzz [--examples 100000] [--parser NAME]`.
 
-Workflow: for each parser in `tests.fuzz.test_parsers.PARSERS` (strategy, check), hypothesis generates `--examples`
+Workflow: for each parser in `tests.fuzz.test_parsers.PARSERS` (messages, envelope, manifest, bundle, root, chat,
+...: strategy, check), hypothesis generates `--examples`
 inputs (generate phase only: no shrinking, no example database, a fresh seed unless `--seed`); each input runs its
 check under a `--limit-s` wall-clock alarm. A check that raises anything (an exception type the parser may not
 raise, or a broken sink invariant) counts as a crash, keyed by exception type and the line that raised it, with the

@@ -93,7 +93,7 @@ def compare(ws: Workspace, name: str, folder, messages: list[dict], *, max_token
     """Interleaved agent/raw rounds on one model; `step(label)` is called after each side of each scenario."""
     raw = RawRunner(folder, threads, spin)
     prompt_tokens = raw.prompt_tokens(messages)
-    agent = AgentProcess(ws.data_dir(name, folder), ws.public_key, threads=threads, spin=spin)
+    agent = AgentProcess(ws.data_dir(name, folder), ws.trust_root, threads=threads, spin=spin)
     try:
         startup_s = agent.start()
         rss_idle = agent.rss_mb()

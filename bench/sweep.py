@@ -50,7 +50,7 @@ def _cell(ws: Workspace, name: str, folder, messages, *, threads: int, spin: boo
           step: Callable[[str], None]) -> dict:
     raw = RawRunner(folder, threads, spin)
     try:
-        with AgentProcess(ws.data_dir(name, folder), ws.public_key, threads=threads, spin=spin) as agent:
+        with AgentProcess(ws.data_dir(name, folder), ws.trust_root, threads=threads, spin=spin) as agent:
             agent.start()
             client = new_client()
             raw.generate(messages, tokens)  # warm-up on both sides

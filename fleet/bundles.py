@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -48,6 +48,7 @@ from protocol.manifest import (
 )
 from protocol.trust import Keyring, PrivateKey, add_signatures, read_unverified, verify_envelope
 
+DEFAULT_EXPIRY_DAYS = 90  # days a bundle's signature is valid when its builder names no expiry
 EVAL_FILE = "eval.json"  # written by the trainer beside the model; goes into the manifest, not the bundle
 
 
@@ -71,8 +72,10 @@ def build_bundle(
     expires: datetime | None = None,
     description: str = "",
 ) -> Manifest:
-    """Pack `model_dir` into `out_path`; with no signers the envelope carries no signature (sign it later)."""
+    """Pack `model_dir` into `out_path`; with no signers the envelope carries no signature (sign it later). Without
+    `expires` the manifest expires `DEFAULT_EXPIRY_DAYS` after `now` (every manifest carries an expiry)."""
     model_dir = Path(model_dir)
+    expires = expires if expires is not None else now + timedelta(days=DEFAULT_EXPIRY_DAYS)
     if not model_dir.is_dir():
         raise ConfigError(f"model folder {model_dir} does not exist; pass the folder the trainer exported")
     paths = _model_files(model_dir)

@@ -1,11 +1,10 @@
-"""The fleet's command line: three Typer apps that `slmops` mounts.
+"""The fleet's command line: two Typer apps that `slmops` mounts (keys live in fleet/keys_cli.py).
 
     app          serve | devices | deploy | upload     run a fleet, or drive a running one over HTTP (--url, --token)
                  revoke | reinstate | audit            devices' identities and the audit log (admin token)
                  token create|list|revoke              API tokens (admin token)
                  enrol-token create|list               one-time enrolment tokens for devices (admin token)
     bundle_app   build | sign | verify | inspect       bundle files on this machine
-    keys_app     generate                              Ed25519 signing keys
 
 Heavy modules (sqlalchemy, fastapi, uvicorn, amqtt, httpx) are imported inside the commands that need them, so
 `import fleet.cli` stays light. Any slmops error ends the command with a red one-line reason and exit code 2.
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Run the fleet server, or drive a running one.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Build, sign, verify and inspect bundle files.", no_args_is_help=True)
-keys_app = typer.Typer(help="Ed25519 keys that sign bundles.", no_args_is_help=True)
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -79,6 +77,8 @@ def serve(
     tls_key: Annotated[Optional[Path], typer.Option(help="PEM private key of --tls-cert")] = None,
     tls_client_ca: Annotated[Optional[Path], typer.Option(help="CA file: mutual TLS, clients must present a certificate from it")] = None,
     tls_crl: Annotated[Optional[Path], typer.Option(help="CRL of --tls-client-ca: revoked client certificates are refused")] = None,
+    trust_dir: Annotated[Optional[Path], typer.Option(help="trust folder from 'slmops keys init': signs commands, "
+                                                          "serves roots, its bundles role keys uploads")] = None,
 ) -> None:
     """Run the fleet: HTTP API, MQTT messaging and (unless --broker-url) an embedded broker. Ctrl-C stops it.
 
@@ -108,6 +108,7 @@ def serve(
             "tls_key_file": tls_key,
             "tls_client_ca_file": tls_client_ca,
             "tls_crl_file": tls_crl,
+            "trust_dir": trust_dir,
         }
         try:
             settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -347,7 +348,8 @@ def build(
     key: Annotated[Optional[list[Path]], typer.Option(help="private key to sign with; none: unsigned")] = None,
     base_model: Annotated[str, typer.Option(help="what the model was made from")] = "",
     precision: Annotated[str, typer.Option(help="int4 | int8 | fp16 | fp32")] = "int4",
-    expires_days: Annotated[Optional[int], typer.Option(help="signature validity in days")] = None,
+    expires_days: Annotated[Optional[int], typer.Option(
+        "--expires-in-days", "--expires-days", min=1, max=3650, help="signature validity in days (default 90)")] = None,
     description: Annotated[str, typer.Option(help="free text")] = "",
 ) -> None:
     """Pack a model folder into a bundle, signed with each --key."""
@@ -440,33 +442,3 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-
-
-# ---- keys -----------------------------------------------------------------------------------------------------
-
-
-@keys_app.callback()
-def _keys() -> None:
-    """Ed25519 keys that sign bundles."""  # a callback keeps `generate` a named sub-command
-
-
-@keys_app.command()
-def generate(
-    out_dir: Annotated[Path, typer.Option("--out", help="folder for NAME.key and NAME.pub")],
-    name: Annotated[str, typer.Option(help="file name stem")],
-) -> None:
-    """Write a new Ed25519 key pair: NAME.key (PKCS8 PEM, mode 0600) and NAME.pub (PEM). Never overwrites."""
-    with _errors():
-        from protocol.trust import generate_keypair
-
-        key_path, pub_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
-        existing = [str(p) for p in (key_path, pub_path) if p.exists()]
-        if existing:
-            raise ConfigError(f"{', '.join(existing)} already exist(s); choose another --name or --out")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        key = generate_keypair()
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.to_pem())
-        pub_path.write_bytes(key.public.to_pem())
-        out.print(f"wrote {key_path} (keep it secret) and {pub_path}; key id {key.keyid}")

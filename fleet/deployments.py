@@ -7,7 +7,9 @@ desired bundle is neither installed nor finished, because a command sent while i
 A device therefore may receive the same deployment more than once and must treat `deployment_id` as idempotent.
 
 Every command is logged in the `commands` table first; that row's autoincrement id is the command's `seq`, so
-seq grows across the whole fleet and replicas sharing the database never hand out the same number.
+seq grows across the whole fleet and replicas sharing the database never hand out the same number. With a trust
+folder (`settings.trust_dir`, fleet/trust.py) every command is signed with its command key under the current root's
+version; devices drop unsigned commands and any seq they have already passed, so a resend always takes a new row.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from . import crud
 from .errors import NotFoundError
 from .models import Bundle, Deployment
 from .settings import Settings
+from .trust import trust_for
 
 TERMINAL = frozenset(s.value for s in UpdateState if s.terminal)  # target states after which nothing is resent
 
@@ -90,7 +93,7 @@ def deploy_command(
 ) -> DeployCommand:
     message_id = uuid.uuid4().hex
     row = crud.record_command(s, deployment_id=deployment_id, device_id=device_id, message_id=message_id, now=now)
-    return DeployCommand(
+    cmd = DeployCommand(
         message_id=message_id,
         seq=row.id,
         sent_at=now,
@@ -104,3 +107,5 @@ def deploy_command(
             size=bundle.size,
         ),
     )
+    trust = trust_for(settings)
+    return trust.sign(cmd) if trust is not None else cmd

@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     embedded_broker_port: int = Field(default=1883, ge=1, le=65535)
     client_id: str = "slmops-fleet"  # MQTT client id; give each replica its own
     reconnect_max_s: float = Field(default=10.0, gt=0)  # seconds: the longest wait between two tries to reach the broker
-    trusted_keys: list[Path] = Field(default_factory=list)  # .pub files uploads must be signed by; empty: any signer
+    trust_dir: Path | None = None  # trust folder (slmops keys init): signs commands, serves roots, keys uploads
+    trusted_keys: list[Path] = Field(default_factory=list)  # without trust_dir: .pub files uploads must be signed by
     trust_threshold: int = Field(default=1, ge=1)  # distinct trusted keys that must sign an upload
     max_bundle_bytes: int = Field(default=8 * GIB, ge=1)  # bytes: larger uploads are refused while they stream
     tls_cert_file: Path | None = None  # PEM server certificate for HTTPS; None: plain HTTP

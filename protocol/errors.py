@@ -54,7 +54,7 @@ class ManifestError(BundleError):
 
 
 class SignatureError(BundleError):
-    """The manifest is not signed by enough trusted keys, or a signature does not match."""
+    """A manifest, trust root or command is not signed by enough trusted keys, or a signature does not match."""
 
     code = "bad_signature"
 
@@ -102,13 +102,13 @@ class MissingFileError(BundleError):
 
 
 class BadVersionNumberError(BundleError):
-    """The bundle's version is older than one the device already trusted (a rollback attack or a mistake)."""
+    """A bundle's version is older than one the device trusted, or a new root's is not the trusted one plus 1."""
 
     code = "bad_version"
 
 
 class ExpiredMetadataError(BundleError):
-    """The signed manifest is past its expiry time."""
+    """The signed manifest or trust root is past its expiry time."""
 
     code = "expired"
 
@@ -117,6 +117,18 @@ class IncompatibleTargetError(BundleError):
     """The bundle targets a runtime, format or execution provider this device cannot run."""
 
     code = "incompatible"
+
+
+class VersionReusedError(BundleError):
+    """A bundle reuses the name and version of one this device already trusted, with different content."""
+
+    code = "version_reused"
+
+
+class RootError(BundleError):
+    """Trust root metadata is malformed, breaks a rule of the root format, or brings back a revoked key."""
+
+    code = "bad_root"
 
 
 class TransportError(SlmopsError):

@@ -7,6 +7,8 @@ Every message is a JSON object with a common header:
     seq             per-sender counter that only grows; a receiver drops what it has already seen
     sent_at         UTC timestamp from the sender's clock
     signatures      optional list of {"keyid", "sig"} over the canonical bytes of the message without this field
+                    (`protocol.trust.sign_message` / `verify_message`); the fleet signs every command with its
+                    command key, named by the trust root (`protocol.root`) whose version `root_version` carries
 
 Payloads become typed objects at the edge with `parse_message(bytes)`; send with `encode(message)`.
 
@@ -130,6 +132,7 @@ class DeployCommand(_Message):
     """Fleet -> device: install this bundle."""
 
     kind: Literal["deploy"] = "deploy"
+    root_version: Version = 1  # the fleet's trust root when it signed this; a device behind it walks the chain
     deployment_id: DeploymentId
     device_id: DeviceId
     bundle: BundleRef
@@ -139,6 +142,7 @@ class CancelCommand(_Message):
     """Fleet -> device: stop this deployment if its install has not begun (answered with a terminal report)."""
 
     kind: Literal["cancel"] = "cancel"
+    root_version: Version = 1  # as for DeployCommand
     deployment_id: DeploymentId
     device_id: DeviceId
 

@@ -7,6 +7,8 @@ Workflow:
 - publisher: `generate_keypair()` once; `sign_envelope(manifest, [private_key])` -> envelope bytes.
 - device: `verify_envelope(data, keyring, now=..., min_version=...)` -> `Manifest`, then `check_file(entry, size,
   sha256)` for every file it unpacks. Nothing here reads a clock, a file or a socket: callers pass them in.
+- commands: the fleet `sign_message(cmd, [command_key])`; the device `verify_message(cmd, keyring)` with the
+  commands keyring of its trust root (`protocol.root`); the signatures cover `msg.signing_bytes()`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -31,6 +34,10 @@ from .errors import (
 )
 from .manifest import FileEntry, Manifest, canonical_bytes
 
+if TYPE_CHECKING:
+    from .messages import _Message
+
+_M = TypeVar("_M", bound="_Message")
 MAX_ENVELOPE_BYTES = 1 << 20  # bytes: a manifest larger than 1 MiB is refused unparsed
 
 
@@ -173,6 +180,39 @@ def verify_envelope(
             "publish the model again with a higher version"
         )
     return manifest
+
+
+def sign_message(msg: _M, signers: Sequence[PrivateKey]) -> _M:
+    """A copy of `msg` carrying one signature per key over its `signing_bytes()` (earlier signatures replaced)."""
+    from .messages import Signature
+
+    if not signers:
+        raise ConfigError("at least one signing key is needed")
+    payload = msg.signing_bytes()
+    by_id = {k.keyid: k for k in signers}
+    sigs = tuple(Signature(keyid=i, sig=by_id[i].key.sign(payload).hex()) for i in sorted(by_id))
+    return msg.model_copy(update={"signatures": sigs})
+
+
+def verify_message(msg: _Message, keyring: Keyring) -> None:
+    """SignatureError unless a threshold of distinct keys of `keyring` signed `msg` as it is now."""
+    payload = msg.signing_bytes()
+    trusted = {k.keyid: k for k in keyring.keys}
+    good: set[str] = set()
+    for s in msg.signatures:
+        key = trusted.get(s.keyid)
+        if key is None or s.keyid in good:
+            continue
+        try:
+            key.key.verify(bytes.fromhex(s.sig), payload)
+        except (InvalidSignature, ValueError):
+            continue
+        good.add(s.keyid)
+    if len(good) < keyring.threshold:
+        raise SignatureError(
+            f"{getattr(msg, 'kind', 'message')} {msg.message_id[:32]} has {len(good)} valid signature(s) from the "
+            f"trusted command key(s), {keyring.threshold} needed: not sent by this device's fleet, or changed on the way"
+        )
 
 
 def check_file(entry: FileEntry, size: int, sha256: str) -> None:

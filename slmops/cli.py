@@ -16,7 +16,7 @@ import typer
 # name -> (module, attribute holding a typer.Typer, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("trainer.cli", "app", "Build the tiny reference model, export to onnxruntime-genai int4, evaluate."),
-    "keys": ("fleet.cli", "keys_app", "Generate Ed25519 signing keys."),
+    "keys": ("fleet.keys_cli", "app", "Trust root and Ed25519 keys: init, rotate, revoke, show, generate."),
     "bundle": ("fleet.cli", "bundle_app", "Build, sign, verify and inspect model bundles."),
     "ca": ("fleet.ca_cli", "app", "The project CA: TLS certificates for the broker, the fleet and each device."),
     "fleet": ("fleet.cli", "app", "Run the fleet service; list devices; deploy bundles."),

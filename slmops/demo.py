@@ -73,22 +73,22 @@ def _build_models(work: Path, steps_v1: int, steps_v2: int, fresh: bool) -> list
     return built
 
 
-def _sign(work: Path, built: list[Built]) -> tuple[Path, str]:
+def _sign(work: Path, built: list[Built]) -> tuple[Path, list[str]]:
+    """`slmops keys init --bundle-keys 3 --bundle-threshold 2` into work/keys, then every bundle signed by 2 of the
+    3 bundle keys (what the devices' trust root asks for)."""
     from fleet.bundles import build_bundle
-    from protocol.trust import generate_keypair
+    from fleet.trust import init_trust
+    from protocol.trust import PrivateKey
 
     keys = work / "keys"
-    keys.mkdir(parents=True, exist_ok=True)
-    key = generate_keypair()
-    (keys / "fleet.key").write_bytes(key.to_pem())
-    (keys / "fleet.key").chmod(0o600)
-    (keys / "fleet.pub").write_bytes(key.public.to_pem())
     now = datetime.now(timezone.utc)
+    init_trust(keys, now=now, bundle_keys=3, bundle_threshold=2, expires_in_days=30)
+    signers = [PrivateKey.from_pem(p.read_bytes()) for p in sorted(keys.glob("bundles-*.key"))][:2]
     for b in built:
         b.bundle = work / "bundles" / f"{NAME}-v{b.version}.bundle"
-        build_bundle(b.folder, b.bundle, name=NAME, version=b.version, signers=[key], now=now,
+        build_bundle(b.folder, b.bundle, name=NAME, version=b.version, signers=signers, now=now,
                      base_model="slmops tiny Qwen2 (reference)", expires=now + timedelta(days=30), description=b.note)
-    return keys / "fleet.pub", key.keyid
+    return keys, [k.keyid for k in signers]
 
 
 STYLE = {"active": ("green", "✓ active"), "rolled_back": ("yellow", "↩ rolled back"), "rejected": ("red", "✗ rejected")}
@@ -145,12 +145,14 @@ def demo(
     console.print(t)
 
     console.rule("[bold]2. Sign bundles")
-    pub, keyid = _sign(work, built)
+    trust, keyids = _sign(work, built)
+    console.print(f"  trust root {trust / 'root.json'}: bundles need 2 of 3 keys; commands signed by the fleet's key")
     for b in built:
-        console.print(f"  {b.bundle.name}: {b.bundle.stat().st_size / 1e6:.2f} MB, Ed25519 key {keyid[:16]}")
+        console.print(f"  {b.bundle.name}: {b.bundle.stat().st_size / 1e6:.2f} MB, Ed25519 keys "
+                      f"{', '.join(k[:16] for k in keyids)}")
 
     console.rule("[bold]3. Start the fleet and the agents")
-    fleet = FleetServer(work / "fleet", broker_url=broker, trusted_keys=(pub,)).start()
+    fleet = FleetServer(work / "fleet", broker_url=broker, trust_dir=trust).start()
     client = FleetClient(fleet.url, token=fleet.admin_token)
     devices = [f"demo-{i + 1}" for i in range(agents)]
     procs: list[AgentProcess] = []
@@ -158,7 +160,8 @@ def demo(
     try:
         for d in devices:  # each agent enrols with its own one-time token: its own broker secret and API token
             identity = client.enrol(d, [GROUP])
-            procs.append(AgentProcess(d, work / "agents" / d, fleet.broker_url, pub, work / "logs" / f"{d}.log", identity=identity))
+            procs.append(AgentProcess(d, work / "agents" / d, fleet.broker_url, trust / "root.json", fleet.url,
+                                      work / "logs" / f"{d}.log", identity=identity))
         console.print(f"  fleet API {fleet.url}, MQTT broker {fleet.broker_url}" + ("" if broker else " (embedded)"))
         console.print(f"  demo secrets (admin token, fleet broker password): {work / 'fleet' / 'demo-secrets.json'} (0600);"
                       " each agent enrolled with a one-time token into its state/identity.json")

@@ -2,10 +2,11 @@
 
 Parts, each started on free loopback ports and stopped by its owner:
 - `FleetServer`: the fleet's FastAPI app under uvicorn in this process, with its embedded broker (or an external
-  broker URL) and a SQLite database in a work folder; authentication is on, with the admin token given or, in
-  demo mode, generated (`FleetServer.admin_token`);
+  broker URL), a SQLite database in a work folder and a trust folder (`slmops keys init`) that signs its commands;
+  authentication is on, with the admin token given or, in demo mode, generated (`FleetServer.admin_token`);
 - `AgentProcess`: one `slmops agent run` child process per device, each with its own data folder and local API,
-  and the identity it enrolled with (written to its data folder) or a `--fleet-token`;
+  provisioned with the fleet's root.json and its URL as the only bundle origin, and the identity it enrolled with
+  (written to its data folder) or a `--fleet-token`;
 - `FleetClient`: the fleet's HTTP API as an operator uses it, with a bearer token (register, enrol, upload,
   deploy, wait, inspect).
 `rollout(...)` deploys a bundle to a group and waits for every device's terminal report; `ask(...)` puts a
@@ -71,6 +72,7 @@ class FleetServer:
         workdir: Path,
         *,
         broker_url: str | None = None,
+        trust_dir: Path | None = None,
         trusted_keys: tuple[Path, ...] = (),
         tls_cert_file: Path | None = None,
         tls_key_file: Path | None = None,
@@ -91,6 +93,7 @@ class FleetServer:
             broker_url=broker_url,
             embedded_broker_port=free_port(),
             client_id=f"slmops-fleet-{os.getpid()}-{self.port}",
+            trust_dir=trust_dir,
             trusted_keys=list(trusted_keys),
             tls_cert_file=tls_cert_file,
             tls_key_file=tls_key_file,
@@ -140,12 +143,13 @@ class FleetServer:
 
 @dataclass
 class AgentProcess:
-    """One device: `slmops agent run` in a child process."""
+    """One device: `slmops agent run` in a child process, provisioned with the fleet's root.json."""
 
     device_id: str
     data_dir: Path
     broker_url: str
-    trusted_key: Path
+    trust_root: Path
+    bundle_origin: str
     log_path: Path
     api_port: int = field(default_factory=free_port)
     fleet_token: str | None = field(default=None, repr=False)  # passed as --fleet-token
@@ -162,7 +166,8 @@ class AgentProcess:
             "--device-id", self.device_id,
             "--data-dir", str(self.data_dir),
             "--broker", self.broker_url,
-            "--trusted-key", str(self.trusted_key),
+            "--trust-root", str(self.trust_root),
+            "--bundle-origin", self.bundle_origin,
             "--api-port", str(self.api_port),
             "--telemetry-interval", "2",
         ]

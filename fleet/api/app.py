@@ -5,7 +5,7 @@ key, an empty, short or default secret) with a ConfigError, outside demo mode.
 
 Lifespan: open the database (creating tables), start the embedded MQTT broker unless `broker_url` names one,
 connect messaging and wait briefly for its subscriptions (the app serves even while the broker is away; paho keeps
-retrying), load the trusted keys. On shutdown everything stops in reverse order.
+retrying), load the trust folder (`settings.trust_dir`: its bundles role keys uploads) or the trusted keys. On shutdown everything stops in reverse order.
 
 Errors raised on purpose (`protocol.errors.SlmopsError` and the fleet's own) become JSON `{"detail", "code"}`
 with one status code per family: 401 unauthenticated (with `WWW-Authenticate: Bearer`), 403 forbidden (a known
@@ -46,7 +46,8 @@ from ..errors import (
 from ..messaging import FleetMessaging
 from ..settings import Settings
 from .deps import Fleet
-from .routes import audit, bundles, deployments, devices, enrolment, health, metrics, tokens
+from ..trust import trust_for
+from .routes import audit, bundles, deployments, devices, enrolment, health, metrics, tokens, trust
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def create_app(
             yield
 
     app = FastAPI(title="slmops fleet", version="1", lifespan=lifespan)
-    for module in (devices, bundles, deployments, tokens, enrolment, audit, health, metrics):
+    for module in (devices, bundles, deployments, tokens, enrolment, audit, trust, health, metrics):
         app.include_router(module.router)
 
     @app.exception_handler(SlmopsError)
@@ -112,7 +113,11 @@ def create_app(
 
 
 def load_keyring(settings: Settings) -> Keyring | None:
-    """The keys uploads must be signed by, from `settings.trusted_keys`; None when the list is empty."""
+    """The keys uploads must be signed by: the trust root's bundles role with `settings.trust_dir` (checked at start,
+    so a broken trust folder stops the fleet), else `settings.trusted_keys`; None when neither is set."""
+    fleet_trust = trust_for(settings)
+    if fleet_trust is not None:
+        return fleet_trust.upload_keyring()
     if not settings.trusted_keys:
         return None
     keys = []

@@ -305,6 +305,7 @@ def test_no_model_yet_is_a_503():
 
 # -- the guard ------------------------------------------------------------------------------------------------
 KEY = "k-0123456789abcdef"
+TRUST = {"trust_root": Path("root.json"), "bundle_origins": ("http://127.0.0.1:8700",)}  # checked when the agent starts
 
 
 @pytest.fixture(scope="module")
@@ -353,8 +354,8 @@ def test_cors_is_off_by_default_and_configurable(client, guarded):
 
 def test_listening_beyond_loopback_needs_an_api_key(tmp_path):
     with pytest.raises(ConfigError, match="API key"):
-        AgentConfig(device_id="d-1", data_dir=tmp_path, api_host="0.0.0.0")
-    AgentConfig(device_id="d-1", data_dir=tmp_path, api_host="0.0.0.0", serving=Serving(api_key=KEY))
+        AgentConfig(device_id="d-1", data_dir=tmp_path, api_host="0.0.0.0", **TRUST)
+    AgentConfig(device_id="d-1", data_dir=tmp_path, api_host="0.0.0.0", serving=Serving(api_key=KEY), **TRUST)
     with pytest.raises(ConfigError):
         Serving(api_key="short")
 

@@ -14,6 +14,7 @@ import errno
 import functools
 import hashlib
 import http.server
+import itertools
 import json
 import os
 import queue
@@ -36,24 +37,30 @@ from agent.update import State, Updater
 from fleet.broker import EmbeddedBroker
 from fleet.bundles import build_bundle
 from protocol.messages import BundleRef, CancelCommand, DeployCommand, StatusReport, UpdateState, parse_message
-from protocol.trust import Keyring, generate_keypair
+from protocol.trust import Keyring
 from slmops.story import damaged_copy
 from tests.net import free_port
+from tests.trustkit import TrustKit
 
 U = UpdateState
 NOW = datetime.now(timezone.utc)
 T1, T2, T3 = ModelRef("triage", 1), ModelRef("triage", 2), ModelRef("triage", 3)
 
 
-# -- the bundle server: plain files, and /slow/<file> at about 40 kB/s -------------------------------------------
+BUNDLES = "api/v1/bundles"  # the served folder mirrors the fleet's bundle paths (the agent checks the origin)
+SLOW_PATH = f"/{BUNDLES}/slow/"
+SEQ = itertools.count(1000)  # every command gets a seq above the last (the command gate drops the rest)
+
+
+# -- the bundle server: plain files, and /api/v1/bundles/slow/<file> at about 40 kB/s ----------------------------
 class Handler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
     def do_GET(self) -> None:
-        if not self.path.startswith("/slow/"):
+        if not self.path.startswith(SLOW_PATH):
             return super().do_GET()
-        data = (Path(self.directory) / self.path[len("/slow/"):]).read_bytes()
+        data = (Path(self.directory) / BUNDLES / self.path[len(SLOW_PATH):]).read_bytes()
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -69,22 +76,27 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_int4):
     www = tmp_path_factory.mktemp("www")
-    key = generate_keypair()
+    kit = TrustKit()
+    key = kit.bundle_keys[0]
+    (www / BUNDLES).mkdir(parents=True)
     for v in (1, 2, 3):
-        build_bundle(Path(tiny_int4), www / f"t{v}.bundle", name="triage", version=v, signers=[key], now=NOW)
-    (www / "fleet.pub").write_bytes(key.public.to_pem())
+        build_bundle(Path(tiny_int4), www / BUNDLES / f"t{v}.bundle", name="triage", version=v, signers=[key], now=NOW)
+    kit.write_root(www / "root.json")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}", Keyring((key.public,))
+    yield www, f"http://127.0.0.1:{server.server_address[1]}", Keyring((key.public,)), kit
     server.shutdown()
 
 
-def command(served, version: int, dep: str, *, slow: bool = False, seq: int = 0) -> DeployCommand:
-    www, base, _ = served
-    data = (www / f"t{version}.bundle").read_bytes()
-    ref = BundleRef(name="triage", version=version, url=f"{base}/{'slow/' if slow else ''}t{version}.bundle",
+def command(served, version: int, dep: str, *, slow: bool = False, seq: int | None = None) -> DeployCommand:
+    """A deploy command signed as the fleet signs it, with the next seq unless `seq` is given."""
+    www, base, _, kit = served
+    data = (www / BUNDLES / f"t{version}.bundle").read_bytes()
+    ref = BundleRef(name="triage", version=version, url=f"{base}/{BUNDLES}/{'slow/' if slow else ''}t{version}.bundle",
                     sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-    return DeployCommand(deployment_id=dep, device_id="dev-1", bundle=ref, sent_at=NOW, seq=seq)
+    cmd = DeployCommand(deployment_id=dep, device_id="dev-1", bundle=ref, sent_at=NOW,
+                        seq=next(SEQ) if seq is None else seq)
+    return kit.sign(cmd)
 
 
 def updater(root: Path, served, reports: list, limits: Limits = Limits()) -> Updater:
@@ -266,7 +278,8 @@ class running_agent:
 
     def __enter__(self):
         cfg = AgentConfig(device_id="dev-1", data_dir=self.data, broker_url=self.broker.url,
-                          trusted_keys=(self.served[0] / "fleet.pub",), api_port=0, telemetry_interval_s=3600,
+                          trust_root=self.served[0] / "root.json", bundle_origins=(self.served[1],), api_port=0,
+                          telemetry_interval_s=3600,
                           limits=self.limits)
         self.reports: queue.Queue[StatusReport] = queue.Queue()
         self.agent = Agent(cfg, on_report=self.reports.put)
@@ -442,7 +455,8 @@ def test_redelivered_finished_command_gets_its_outcome_again(tmp_path, served, g
 
 def test_newer_deployment_supersedes_queued_older_ones(tmp_path, served, golden, broker):
     shutil.copytree(golden / "g1", tmp_path / "d")
-    waiting = [command(served, 2, "a", seq=1), command(served, 3, "c", seq=3), command(served, 2, "b", seq=2)]
+    # a seq is above every earlier one (the command gate drops the others), so the newest also arrived last
+    waiting = [command(served, 2, "a", seq=1), command(served, 2, "b", seq=2), command(served, 3, "c", seq=3)]
     with running_agent(tmp_path / "d", served, broker, commands=waiting) as (agent, reports):
         ends = {d: wait_terminal(reports, d) for d in ("a", "b", "c")}
         assert (ends["a"].state, ends["a"].error_code) == (U.FAILED, "superseded")
@@ -450,14 +464,14 @@ def test_newer_deployment_supersedes_queued_older_ones(tmp_path, served, golden,
         assert ends["c"].state is U.ACTIVE
         assert no_more(reports)
         assert agent.store.active() == T3 and agent.store.floor("triage") == 3
-        agent._command(command(served, 2, "a", seq=1))  # the superseded command comes again: same answer
+        agent._command(command(served, 2, "a"))  # the fleet sends the superseded deployment again: same answer
         assert wait_terminal(reports, "a").error_code == "superseded"
 
 
 def test_cancel_of_a_queued_deployment(tmp_path, served, golden, broker):
     shutil.copytree(golden / "g1", tmp_path / "d")
     with running_agent(tmp_path / "d", served, broker) as (agent, reports):
-        msg = CancelCommand(deployment_id="q", device_id="dev-1", sent_at=NOW)
+        msg = served[3].sign(CancelCommand(deployment_id="q", device_id="dev-1", sent_at=NOW, seq=next(SEQ)))
         assert parse_message(msg.model_dump_json().encode()) == msg  # a message kind on the wire
         agent._command(msg)
         agent._command(command(served, 2, "q"))

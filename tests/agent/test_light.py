@@ -8,8 +8,8 @@ import time
 import httpx
 
 from fleet.broker import EmbeddedBroker
-from protocol.trust import generate_keypair
 from tests.net import free_port
+from tests.trustkit import ORIGIN, TrustKit
 
 HEAVY = ("torch", "transformers", "peft", "olive", "sqlalchemy", "amqtt")
 
@@ -25,14 +25,13 @@ def test_importing_every_agent_module_loads_nothing_heavy():
 
 
 def test_starting_the_agent_loads_nothing_heavy(tmp_path):
-    key = generate_keypair()
-    (tmp_path / "fleet.pub").write_bytes(key.public.to_pem())
+    root = TrustKit().write_root(tmp_path / "root.json")
     port = free_port()
     with EmbeddedBroker("127.0.0.1", free_port()) as broker:
         proc = subprocess.Popen(
             [sys.executable, "-X", "importtime", "-m", "slmops.cli", "agent", "run", "--device-id", "light-1",
-             "--data-dir", str(tmp_path / "d"), "--broker", broker.url, "--trusted-key", str(tmp_path / "fleet.pub"),
-             "--api-port", str(port)],
+             "--data-dir", str(tmp_path / "d"), "--broker", broker.url, "--trust-root", str(root),
+             "--bundle-origin", ORIGIN, "--api-port", str(port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         try:
@@ -60,10 +59,9 @@ def test_local_api_serves_while_the_broker_is_unreachable(tmp_path):
     from agent.config import AgentConfig
     from agent.service import Agent
 
-    key = generate_keypair()
-    (tmp_path / "fleet.pub").write_bytes(key.public.to_pem())
+    root = TrustKit().write_root(tmp_path / "root.json")
     agent = Agent(AgentConfig(device_id="lonely-1", data_dir=tmp_path / "d", broker_url=f"mqtt://127.0.0.1:{free_port()}",
-                              trusted_keys=(tmp_path / "fleet.pub",), api_port=0, telemetry_interval_s=3600))
+                              trust_root=root, bundle_origins=(ORIGIN,), api_port=0, telemetry_interval_s=3600))
     agent.start()
     try:
         assert not agent.link.wait_connected(1.0)

@@ -297,7 +297,8 @@ def test_forwarder_thread_sends_what_is_put(tmp_path: Path) -> None:
 
 # -- reconnect backoff ----------------------------------------------------------------------------------------
 def test_the_link_caps_its_reconnect_backoff(tmp_path: Path) -> None:
-    assert AgentConfig(device_id="dev-1", data_dir=tmp_path).reconnect_max_s == 10.0
+    trust = {"trust_root": tmp_path / "root.json", "bundle_origins": ("http://127.0.0.1:8700",)}
+    assert AgentConfig(device_id="dev-1", data_dir=tmp_path, **trust).reconnect_max_s == 10.0
     seq = SeqCounter(tmp_path / "seq.json")
     link = Link("dev-1", "mqtt://127.0.0.1:1", seq=seq, on_deploy=lambda c: None, active=lambda: None, reconnect_max_s=2.5)
     assert (link.client._reconnect_min_delay, link.client._reconnect_max_delay) == (1.0, 2.5)

@@ -27,9 +27,11 @@ from fleet.broker import EmbeddedBroker
 from fleet.bundles import build_bundle
 from protocol import topics
 from protocol.messages import BundleRef, DeployCommand, StatusReport, UpdateState, encode
-from protocol.trust import generate_keypair
+from protocol.manifest import Manifest
+from protocol.trust import generate_keypair, sign_envelope
 from slmops.story import damaged_copy
 from tests.net import free_port
+from tests.trustkit import TrustKit
 
 pytestmark = pytest.mark.integration
 NOW = datetime.now(timezone.utc)
@@ -41,12 +43,12 @@ class Rig:
 
     def __init__(self, tmp: Path, model: Path) -> None:
         self.tmp, self.model = tmp, model
-        self.key, self.other = generate_keypair(), generate_keypair()
-        (tmp / "fleet.pub").write_bytes(self.key.public.to_pem())
-        self.www = tmp / "www"
-        self.www.mkdir()
+        self.kit, self.other = TrustKit(), generate_keypair()
+        self.kit.write_root(tmp / "root.json")
+        self.www = tmp / "www" / "api" / "v1" / "bundles"  # served like the fleet's bundle paths
+        self.www.mkdir(parents=True)
         self.broker = EmbeddedBroker("127.0.0.1", free_port()).start()
-        handler = functools.partial(QuietHandler, directory=str(self.www))
+        handler = functools.partial(QuietHandler, directory=str(tmp / "www"))
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
         self.reports: queue.Queue[StatusReport] = queue.Queue()
@@ -61,7 +63,8 @@ class Rig:
             device_id="dev-1",
             data_dir=self.tmp / "agent",
             broker_url=self.broker.url,
-            trusted_keys=(self.tmp / "fleet.pub",),
+            trust_root=self.tmp / "root.json",
+            bundle_origins=(self.origin,),
             api_port=0,
             telemetry_interval_s=3600,
         )
@@ -70,10 +73,22 @@ class Rig:
         assert self.agent.link.wait_connected(10), "agent did not subscribe to its command topic"
         return self.agent
 
-    def bundle(self, version: int, *, model: Path | None = None, signer=None, name: str | None = None) -> Path:
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.http.server_address[1]}"
+
+    def bundle(self, version: int, *, model: Path | None = None, signer=None, name: str | None = None, **kw) -> Path:
         out = self.www / (name or f"triage-{version}.bundle")
-        build_bundle(model or self.model, out, name="triage", version=version, signers=[signer or self.key], now=NOW)
+        build_bundle(model or self.model, out, name="triage", version=version,
+                     signers=[signer or self.kit.bundle_keys[0]], now=NOW, **kw)
         return out
+
+    def publish_roots(self) -> None:
+        """Serve every root of the kit like the fleet's GET /api/v1/trust/root/{n}.json."""
+        folder = self.tmp / "www" / "api" / "v1" / "trust" / "root"
+        folder.mkdir(parents=True, exist_ok=True)
+        for n, data in self.kit.roots.items():
+            (folder / f"{n}.json").write_bytes(data)
 
     def deploy(self, path: Path, version: int, *, announce: bytes | None = None, timeout: float = 120) -> list[StatusReport]:
         """Publish a deploy command for a bundle file (announcing the digest and size of `announce`, by default
@@ -83,11 +98,12 @@ class Rig:
         ref = BundleRef(
             name="triage",
             version=version,
-            url=f"http://127.0.0.1:{self.http.server_address[1]}/{path.name}",
+            url=f"{self.origin}/api/v1/bundles/{path.name}",
             sha256=hashlib.sha256(data).hexdigest(),
             size=len(data),
         )
-        cmd = DeployCommand(deployment_id=f"dep-{self.n}", device_id="dev-1", bundle=ref, seq=self.n, sent_at=NOW)
+        cmd = self.kit.sign(DeployCommand(deployment_id=f"dep-{self.n}", device_id="dev-1", bundle=ref, seq=self.n,
+                                          sent_at=NOW))
         self.pub.publish(str(topics.cmd("dev-1")), encode(cmd), qos=1).wait_for_publish(5)
         got: list[StatusReport] = []
         while True:
@@ -218,6 +234,78 @@ def test_malformed_and_misaddressed_commands_are_dropped(rig):
     with pytest.raises(queue.Empty):
         rig.reports.get(timeout=1.5)
     assert rig.ask()["choices"][0]["message"]["content"]
+
+
+def resigned(src: Path, dest: Path, key, **target) -> Path:
+    """A copy of a bundle whose manifest's target is changed, then signed again by a trusted key."""
+    def edit(data: bytes) -> bytes:
+        signed = json.loads(data)["signed"]
+        signed["target"].update(target)
+        return sign_envelope(Manifest.from_signed(signed), [key])
+
+    return rewrite_bundle(src, dest, envelope=edit)
+
+
+REFUSED_BEFORE_INSTALL = [
+    # (id, make the bundle (rig, active version) -> (file, version), error code)
+    ("equal_version_other_content", lambda r, v: (r.bundle(v, name="same-v.bundle", description="other content"), v),
+     "version_reused"),  # the active version's files are damaged (below), so the device fetches it again to repair
+    ("fp16_on_a_cpu_device", lambda r, v: (r.bundle(v + 1, name="fp16.bundle", precision="fp16"), v + 1), "incompatible"),
+    ("cuda_execution_provider", lambda r, v: (resigned(r.bundle(v + 1, name="src-cuda.bundle"), r.www / "cuda.bundle",
+                                                       r.kit.bundle_keys[0], execution_provider="cuda"), v + 1),
+     "incompatible"),
+]
+
+
+@pytest.mark.parametrize(("make", "code"), [pytest.param(m, c, id=i) for i, m, c in REFUSED_BEFORE_INSTALL])
+def test_refused_before_install(rig, make, code):
+    active = rig.agent.store.active()
+    manifest_before = rig.agent.store.trusted_manifest(active)
+    path, version = make(rig, active.version)
+    config = rig.agent.store.version_dir(active) / "genai_config.json"
+    original = config.read_bytes()
+    if version == active.version:
+        config.write_bytes(original + b" ")  # a size the verified manifest does not say: repair it
+    try:
+        reports = rig.deploy(path, version)
+    finally:
+        config.write_bytes(original)
+    assert states(reports) == [U.RECEIVED, U.DOWNLOADING, U.VERIFYING, U.REJECTED]
+    assert reports[-1].error_code == code
+    assert rig.agent.store.trusted_manifest(active) == manifest_before and rig.agent.store.floor("triage") == active.version
+    assert list(rig.agent.store.staging_root.iterdir()) == []
+    assert_still_serving(rig, active.version)
+
+
+def test_unsigned_and_forged_commands_over_mqtt_are_not_acted_on(rig):
+    active = rig.agent.store.active().version
+    path = rig.bundle(active + 1, name="forged.bundle")
+    data = path.read_bytes()
+    ref = BundleRef(name="triage", version=active + 1, url=f"{rig.origin}/api/v1/bundles/{path.name}",
+                    sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    for cmd in (DeployCommand(deployment_id="forged-1", device_id="dev-1", bundle=ref, seq=10**9, sent_at=NOW),
+                rig.kit.sign(DeployCommand(deployment_id="forged-2", device_id="dev-1", bundle=ref, seq=10**9,
+                                           sent_at=NOW), key=rig.other)):
+        rig.pub.publish(str(topics.cmd("dev-1")), encode(cmd), qos=1).wait_for_publish(5)
+    with pytest.raises(queue.Empty):
+        rig.reports.get(timeout=1.5)
+    sample = rig.agent.metrics.registry.get_sample_value
+    assert sample("slmops_agent_commands_dropped_total", {"reason": "forged"}) == 2
+    assert_still_serving(rig, active)
+
+
+def test_bundle_keys_rotated_by_the_fleet_work_without_a_restart(rig):
+    """The fleet rotates its bundle key (old one revoked) and publishes root v2; the next command names root v2, so
+    the device fetches it, and a bundle signed by the new key installs while one by the old key is refused."""
+    old = rig.kit.bundle_keys[0]
+    rig.kit.rotate(bundles=True, revoke=True)
+    rig.publish_roots()
+    active = rig.agent.store.active().version
+    reports = rig.deploy(rig.bundle(active + 1, name="new-key.bundle"), active + 1)
+    assert states(reports)[-1] is U.ACTIVE and rig.agent.gate.root.version == 2
+    reports = rig.deploy(rig.bundle(active + 2, name="old-key.bundle", signer=old), active + 2)
+    assert states(reports)[-1] is U.REJECTED and reports[-1].error_code == "bad_signature"
+    assert_still_serving(rig, active + 1)
 
 
 def test_older_version_is_refused_as_a_rollback(rig):

@@ -12,7 +12,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -116,7 +116,8 @@ def model_dir(tmp_path: Path) -> Path:
 def make_bundle(tmp_path: Path, model_dir: Path, key: PrivateKey) -> Callable[..., Path]:
     def make(name: str = "tiny", version: int = 1, *, signers: list[PrivateKey] | None = None, src: Path | None = None) -> Path:
         out = tmp_path / "out" / f"{name}-{version}-{os.urandom(3).hex()}.bundle"
-        build_bundle(src or model_dir, out, name=name, version=version, signers=[key] if signers is None else signers, now=NOW)
+        build_bundle(src or model_dir, out, name=name, version=version, signers=[key] if signers is None else signers,
+                     now=NOW, expires=NOW + timedelta(days=3650))  # NOW is fixed; uploads are checked on today's clock
         return out
 
     return make

@@ -15,7 +15,8 @@ import uvicorn
 from typer.testing import CliRunner
 
 from fleet.api.app import create_app
-from fleet.cli import app, bundle_app, keys_app
+from fleet.cli import app, bundle_app
+from fleet.keys_cli import app as keys_app
 from fleet.settings import Settings
 from protocol.trust import PrivateKey, PublicKey
 from tests.net import free_port, wait_port

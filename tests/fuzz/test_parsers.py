@@ -5,6 +5,8 @@ Parsers and the errors they may raise:
     envelope           protocol.trust.verify_envelope(bytes, keyring, ...)          SlmopsError
     envelope_unverified protocol.trust.read_unverified(bytes)                       SlmopsError
     manifest           protocol.manifest.Manifest.from_signed(dict)                 SlmopsError
+    root               protocol.root load_trusted_root / parse_root / verify_next_root(bytes)  SlmopsError; the
+                       trusted root a rejected next root was checked against is unchanged
     bundle             protocol.bundle.read_envelope / unpack (seekable and not)     SlmopsError; a bundle refused
                        by its headers leaves the sink's folder empty, one refused for its data wrote at most the
                        declared sizes, an accepted one wrote exactly the manifest's files
@@ -43,6 +45,7 @@ from protocol.messages import (
     ID_RE, ActiveModel, BundleRef, CancelCommand, DeployCommand, Presence, Signature, StatusReport, Telemetry,
     UpdateState, encode, parse_message,
 )
+from protocol.root import ROLES, load_trusted_root, parse_root, root_signed, sign_root, verify_next_root
 from protocol.trust import Keyring, generate_keypair, read_unverified, sign_envelope, verify_envelope
 from tests.protocol.tarcraft import Unseekable
 
@@ -235,6 +238,42 @@ envelope_docs = manifest_docs.map(signed)
 envelopes = (wire(envelope_docs, ("signed", "signatures", "keyid", "sig", *MANIFEST_FIELDS))
              | mutated(manifest_docs, MANIFEST_FIELDS).map(signed).map(dumps))
 
+ROOT_KEYS = [generate_keypair() for _ in range(4)]
+ROOT_FIELDS = ("_type", "spec_version", "version", "expires", "keys", "roles", "revoked", "keyids", "threshold",
+               "keytype", "public", "signed", "signatures", "keyid", "sig", *ROLES)
+
+
+@st.composite
+def root_docs(draw: st.DrawFn) -> dict:
+    """A valid root's signed part: each role 1-4 of the four keys with a threshold it can meet."""
+    roles = {}
+    for name in ROLES:
+        ks = draw(st.lists(st.sampled_from(ROOT_KEYS), min_size=1, max_size=4, unique_by=lambda k: k.keyid))
+        roles[name] = ([k.keyid for k in ks], draw(st.integers(1, len(ks))))
+    used = {k for ids, _ in roles.values() for k in ids}
+    expires = draw(st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(9998, 1, 1),
+                                timezones=st.just(timezone.utc)))
+    return root_signed(version=draw(versions), expires=expires, keys=[k.public for k in ROOT_KEYS if k.keyid in used],
+                       roles=roles, revoked=draw(st.lists(hexes, max_size=2, unique=True)))
+
+
+def root_envelope(doc: object) -> dict:
+    """A root envelope signed by all four keys (bogus signatures when `doc` has no canonical bytes)."""
+    try:
+        payload = canonical_bytes(doc)
+        sigs = [{"keyid": k.keyid, "sig": k.key.sign(payload).hex()} for k in ROOT_KEYS]
+    except SlmopsError:
+        sigs = [{"keyid": ROOT_KEYS[0].keyid, "sig": "00" * 64}]
+    return {"signed": doc, "signatures": sigs}
+
+
+TRUSTED_ROOT = load_trusted_root(sign_root(root_signed(
+    version=1, expires=datetime(9000, 1, 1, tzinfo=timezone.utc), keys=[k.public for k in ROOT_KEYS],
+    roles={name: ([k.keyid for k in ROOT_KEYS], 1) for name in ROLES}), ROOT_KEYS))
+root_files = (wire(root_docs().map(root_envelope), ROOT_FIELDS)
+              | mutated(root_docs(), ROOT_FIELDS).map(root_envelope).map(dumps)
+              | root_docs().map(lambda d: {**d, "version": 2}).map(root_envelope).map(dumps))
+
 chat_messages = st.lists(st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "developer", "user", "assistant"]),
      "content": st.text(max_size=50) | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text()}))}
@@ -414,6 +453,17 @@ def check_bundle(data: bytes) -> None:
         assert len(body) <= MANIFEST.file(path).size, f"{path}: {len(body)} bytes written"
 
 
+def check_root(data: bytes) -> None:
+    before = (TRUSTED_ROOT.version, dict(TRUSTED_ROOT.roles), TRUSTED_ROOT.revoked, TRUSTED_ROOT.raw)
+    for step in (lambda: load_trusted_root(data, NOW), lambda: parse_root(data),
+                 lambda: verify_next_root(TRUSTED_ROOT, data)):
+        try:
+            step()
+        except SlmopsError:
+            pass
+    assert (TRUSTED_ROOT.version, dict(TRUSTED_ROOT.roles), TRUSTED_ROOT.revoked, TRUSTED_ROOT.raw) == before
+
+
 def check_chat(body: bytes) -> None:
     for kind in (ChatRequest, CompletionRequest):
         try:
@@ -435,6 +485,7 @@ PARSERS: dict[str, tuple[st.SearchStrategy, Callable[[object], None]]] = {
     "envelope_unverified": (envelopes, check_envelope_unverified),
     "manifest": (json_values | manifest_docs | mutated(manifest_docs, MANIFEST_FIELDS, raw=False), check_manifest),
     "bundle": (bundles, check_bundle),
+    "root": (root_files, check_root),
     "chat": (wire(chat_docs, CHAT_FIELDS), check_chat),
 }
 
@@ -493,6 +544,21 @@ def test_manifest_from_signed_raises_only_slmops_errors(doc: object) -> None:
 @given(PARSERS["bundle"][0])
 def test_bundle_raises_only_slmops_errors_and_writes_nothing_when_headers_are_refused(data: bytes) -> None:
     check_bundle(data)
+
+
+@CI
+@given(root_docs())
+def test_valid_roots_verify(doc: dict) -> None:
+    data = sign_root(doc, ROOT_KEYS)
+    assert load_trusted_root(data).version == doc["version"]
+    if doc["version"] == 2:
+        assert verify_next_root(TRUSTED_ROOT, data).version == 2
+
+
+@CI
+@given(PARSERS["root"][0])
+def test_root_parsers_raise_only_slmops_errors(data: bytes) -> None:
+    check_root(data)
 
 
 @CI

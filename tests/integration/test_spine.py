@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from fleet.bundles import build_bundle
-from protocol.trust import generate_keypair
+from fleet.trust import init_trust
+from protocol.trust import PrivateKey
 from slmops.story import AgentProcess, FleetClient, FleetServer, ask, damaged_copy, rollout
 from tests.net import MOSQUITTO, mosquitto
 
@@ -21,15 +22,15 @@ STEPS = ["received", "downloading", "verifying", "installing", "health_check"]
 
 
 def check_story(tmp: Path, model: Path, broker_url: str | None) -> None:
-    key = generate_keypair()
-    pub = tmp / "fleet.pub"
-    pub.write_bytes(key.public.to_pem())
     now = datetime.now(timezone.utc)
+    trust = tmp / "trust"
+    init_trust(trust, now=now, bundle_keys=3, bundle_threshold=2)  # slmops keys init, 2 of 3 bundle keys
+    signers = [PrivateKey.from_pem(p.read_bytes()) for p in sorted(trust.glob("bundles-*.key"))][:2]
     folders = {1: model, 2: model, 3: damaged_copy(model, tmp / "broken")}
     bundles = {}
     for v, folder in folders.items():
         bundles[v] = tmp / f"triage-{v}.bundle"
-        build_bundle(folder, bundles[v], name="triage", version=v, signers=[key], now=now)
+        build_bundle(folder, bundles[v], name="triage", version=v, signers=signers, now=now)
 
     fleet = FleetServer(tmp / "fleet", broker_url=broker_url, trusted_keys=(pub,)).start()
     client = FleetClient(fleet.url, token=fleet.admin_token)
@@ -44,7 +45,7 @@ def check_story(tmp: Path, model: Path, broker_url: str | None) -> None:
             client.register(a.device_id, ["demo"])
         client.wait_online(DEVICES)
         for b in bundles.values():
-            assert client.upload(b)["signer_keyids"] == [key.keyid]
+            assert client.upload(b)["signer_keyids"] == sorted(k.keyid for k in signers)
 
         outcomes: dict[int, dict[str, str]] = {}
         for v in (1, 2, 3):

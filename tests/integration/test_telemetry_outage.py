@@ -29,8 +29,8 @@ from fleet.db import open_database
 from fleet.messaging import FleetMessaging
 from fleet.models import TelemetrySample
 from fleet.settings import Settings
-from protocol.trust import generate_keypair
 from tests.net import MOSQUITTO, free_port, wait_port
+from tests.trustkit import ORIGIN, TrustKit
 
 pytestmark = pytest.mark.integration
 OUTAGE_S = 60.0  # seconds the broker is away
@@ -176,11 +176,11 @@ def test_no_sample_is_lost_or_stored_twice_across_a_one_minute_outage(tmp_path: 
         return t
 
     monkeypatch.setattr(telemetry, "sample", recording_sample)
-    (tmp_path / "fleet.pub").write_bytes(generate_keypair().public.to_pem())
+    root = TrustKit().write_root(tmp_path / "root.json")
     gate = Gate(broker.port) if broker.kind == "amqtt" else None
     agent = Agent(AgentConfig(device_id="dev-out", data_dir=tmp_path / "agent",
                               broker_url=f"mqtt://127.0.0.1:{gate.port}" if gate else broker.url,
-                              trusted_keys=(tmp_path / "fleet.pub",), api_port=0, telemetry_interval_s=1.0,
+                              trust_root=root, bundle_origins=(ORIGIN,), api_port=0, telemetry_interval_s=1.0,
                               reconnect_max_s=AGENT_RECONNECT_MAX_S))
 
     def stored() -> list[str]:
