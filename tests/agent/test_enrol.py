@@ -92,18 +92,18 @@ def test_enrol_refusals_are_one_line_config_errors(fleet) -> None:
 def test_the_agents_download_client_sends_the_token(tmp_path: Path) -> None:
     from agent.service import Agent
 
-    pub = tmp_path / "k.pub"
-    from protocol.trust import generate_keypair
+    from tests.trustkit import ORIGIN, TrustKit
 
-    pub.write_bytes(generate_keypair().public.to_pem())
-    config = AgentConfig(device_id="pump-1", data_dir=tmp_path / "a", trusted_keys=(pub,), fleet_token="slm_" + "z" * 43)
+    root = TrustKit().write_root(tmp_path / "root.json")
+    config = AgentConfig(device_id="pump-1", data_dir=tmp_path / "a", trust_root=root, bundle_origins=(ORIGIN,),
+                         fleet_token="slm_" + "z" * 43)
     assert "slm_" not in repr(config)
     agent = Agent(config)
     try:
         assert agent.http.headers["authorization"] == "Bearer slm_" + "z" * 43
     finally:
         agent.http.close()
-    bare = Agent(AgentConfig(device_id="pump-2", data_dir=tmp_path / "b", trusted_keys=(pub,)))
+    bare = Agent(AgentConfig(device_id="pump-2", data_dir=tmp_path / "b", trust_root=root, bundle_origins=(ORIGIN,)))
     try:
         assert "authorization" not in bare.http.headers
     finally:

@@ -91,6 +91,10 @@ def world(client: TestClient, make_bundle) -> World:
 # (id, method, path, request kwargs, roles allowed, statuses an allowed role gets)
 ROUTES: list[tuple[str, str, str, dict[str, Any], set[str], set[int]]] = [
     ("healthz", "GET", "/healthz", {}, EVERYONE, {200}),
+    # the signed roots are public (devices fetch them without credentials and verify them): open to everyone; this
+    # fleet has no trust folder, so everyone gets the same 404, never a 401 (tests/fleet/test_keys_cli.py serves them)
+    ("trust root", "GET", "/api/v1/trust/root.json", {}, EVERYONE, {404}),
+    ("trust root n", "GET", "/api/v1/trust/root/1.json", {}, EVERYONE, {404}),
     ("metrics", "GET", "/metrics", {}, READ, {200}),
     ("list devices", "GET", "/api/v1/devices", {}, READ, {200}),
     ("show device", "GET", "/api/v1/devices/dev-a", {}, READ, {200}),

@@ -24,7 +24,7 @@ from protocol.messages import DeployCommand, parse_message
 from protocol.root import load_trusted_root, walk_chain
 from protocol.trust import PrivateKey, sign_envelope, verify_envelope, verify_message
 
-from .conftest import wait_until
+from .conftest import ADMIN, wait_until
 
 runner = CliRunner()
 NOW = datetime.now(timezone.utc)
@@ -140,7 +140,7 @@ def test_generate_writes_a_0600_key(tmp_path: Path) -> None:
 
 @pytest.fixture
 def trusted_client(settings: Settings, trust: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(settings.model_copy(update={"trust_dir": trust}))) as c:
+    with TestClient(create_app(settings.model_copy(update={"trust_dir": trust})), headers=ADMIN) as c:
         assert c.app.state.fleet.messaging.wait_connected(5)
         yield c
 
