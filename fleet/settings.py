@@ -27,7 +27,12 @@ class Settings(BaseSettings):
     broker_url: str | None = None  # mqtt://host:port (MQTT 3.1.1) or mqtt5://host:port; None: embedded broker
     embedded_broker_host: str = "127.0.0.1"
     embedded_broker_port: int = Field(default=1883, ge=1, le=65535)
-    client_id: str = "slmops-fleet"  # MQTT client id; give each replica its own
+    client_id: str = "slmops-fleet"  # MQTT client id: slmops-fleet or slmops-fleet-<replica>; give each replica its own
+    broker_username: str = "fleet"  # the fleet's broker account
+    broker_password: str | None = Field(default=None, repr=False)  # None with the embedded broker: a random one per start
+    broker_ca_file: Path | None = None  # PEM CA the broker's certificate must chain to (mqtts://); None: system store
+    broker_cert_file: Path | None = None  # PEM client certificate for a broker that asks for one (mutual TLS)
+    broker_key_file: Path | None = None  # its private key (PEM), unless it is in broker_cert_file
     reconnect_max_s: float = Field(default=10.0, gt=0)  # seconds: the longest wait between two tries to reach the broker
     trusted_keys: list[Path] = Field(default_factory=list)  # .pub files uploads must be signed by; empty: any signer
     trust_threshold: int = Field(default=1, ge=1)  # distinct trusted keys that must sign an upload
