@@ -63,6 +63,12 @@ def serve(
     broker_url: Annotated[Optional[str], typer.Option(help="mqtt://host:port or mqtt5://...; default: embedded")] = None,
     broker_port: Annotated[Optional[int], typer.Option(help="port of the embedded MQTT broker")] = None,
     reconnect_max: Annotated[Optional[float], typer.Option(help="longest wait in seconds between tries to reach the broker")] = None,
+    broker_username: Annotated[Optional[str], typer.Option(help="the fleet's broker user name (default: fleet)")] = None,
+    broker_password: Annotated[Optional[str], typer.Option(help="the fleet's broker password; prefer env SLMOPS_FLEET_BROKER_PASSWORD (default with the embedded broker: random per run)")] = None,
+    broker_ca: Annotated[Optional[Path], typer.Option(help="PEM CA the broker's TLS certificate must chain to (mqtts://; default: system store)")] = None,
+    broker_cert: Annotated[Optional[Path], typer.Option(help="PEM client certificate for a broker that asks for one")] = None,
+    broker_key: Annotated[Optional[Path], typer.Option(help="PEM private key of --broker-cert")] = None,
+    broker_admin_username: Annotated[Optional[str], typer.Option(help="mosquitto dynamic-security admin that enrols and revokes devices (password: env SLMOPS_FLEET_BROKER_ADMIN_PASSWORD)")] = None,
     trusted_key: Annotated[Optional[list[Path]], typer.Option(help=".pub file uploads must be signed by")] = None,
 ) -> None:
     """Run the fleet: HTTP API, MQTT messaging and (unless --broker-url) an embedded broker. Ctrl-C stops it."""
@@ -84,6 +90,12 @@ def serve(
             "broker_url": broker_url,
             "embedded_broker_port": broker_port,
             "reconnect_max_s": reconnect_max,
+            "broker_username": broker_username,
+            "broker_password": broker_password,
+            "broker_ca_file": broker_ca,
+            "broker_cert_file": broker_cert,
+            "broker_key_file": broker_key,
+            "broker_admin_username": broker_admin_username,
             "trusted_keys": trusted_key or None,
         }
         try:

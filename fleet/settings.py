@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     broker_ca_file: Path | None = None  # PEM CA the broker's certificate must chain to (mqtts://); None: system store
     broker_cert_file: Path | None = None  # PEM client certificate for a broker that asks for one (mutual TLS)
     broker_key_file: Path | None = None  # its private key (PEM), unless it is in broker_cert_file
+    broker_admin_username: str | None = None  # external mosquitto: the dynamic-security admin that enrols devices
+    broker_admin_password: str | None = Field(default=None, repr=False)
     reconnect_max_s: float = Field(default=10.0, gt=0)  # seconds: the longest wait between two tries to reach the broker
     trusted_keys: list[Path] = Field(default_factory=list)  # .pub files uploads must be signed by; empty: any signer
     trust_threshold: int = Field(default=1, ge=1)  # distinct trusted keys that must sign an upload

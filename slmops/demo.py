@@ -153,7 +153,8 @@ def demo(
     fleet = FleetServer(work / "fleet", broker_url=broker, trusted_keys=(pub,)).start()
     client = FleetClient(fleet.url)
     devices = [f"demo-{i + 1}" for i in range(agents)]
-    procs = [AgentProcess(d, work / "agents" / d, fleet.broker_url, pub, work / "logs" / f"{d}.log") for d in devices]
+    procs = [AgentProcess(d, work / "agents" / d, fleet.broker_url, pub, work / "logs" / f"{d}.log",
+                          login=fleet.device_login(d)) for d in devices]
     rollouts: list[Rollout] = []
     try:
         console.print(f"  fleet API {fleet.url}, MQTT broker {fleet.broker_url}" + ("" if broker else " (embedded)"))

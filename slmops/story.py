@@ -2,8 +2,10 @@
 
 Parts, each started on free loopback ports and stopped by its owner:
 - `FleetServer`: the fleet's FastAPI app under uvicorn in this process, with its embedded broker (or an external
-  broker URL) and a SQLite database in a work folder;
-- `AgentProcess`: one `slmops agent run` child process per device, each with its own data folder and local API;
+  broker URL) and a SQLite database in a work folder; `device_login(id)` gives a device its broker credentials
+  (random, held in the embedded broker's in-memory accounts, until device enrolment takes over);
+- `AgentProcess`: one `slmops agent run` child process per device, each with its own data folder, local API and
+  broker credentials (the password through the environment, never the command line);
 - `FleetClient`: the fleet's HTTP API as an operator uses it (register, upload, deploy, wait, inspect).
 `rollout(...)` deploys a bundle to a group and waits for every device's terminal report; `ask(...)` puts a
 question to a device's local API. `damaged_copy(...)` makes the deliberately broken model of the story.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -61,8 +64,11 @@ class FleetServer:
     """The fleet service in this process: HTTP API, MQTT ingest, embedded broker (unless one is given)."""
 
     def __init__(self, workdir: Path, *, broker_url: str | None = None, trusted_keys: tuple[Path, ...] = ()) -> None:
+        from fleet.broker import StaticAccounts
         from fleet.settings import Settings
 
+        fleet_password = secrets.token_urlsafe(32)
+        self.accounts = StaticAccounts(fleet_password)
         self.port = free_port()
         self.settings = Settings(
             data_dir=workdir,
@@ -70,6 +76,7 @@ class FleetServer:
             broker_url=broker_url,
             embedded_broker_port=free_port(),
             client_id=f"slmops-fleet-{os.getpid()}-{self.port}",
+            broker_password=fleet_password,
             trusted_keys=list(trusted_keys),
         )
         self._server = None
@@ -83,12 +90,19 @@ class FleetServer:
     def broker_url(self) -> str:
         return self.settings.effective_broker_url
 
+    def device_login(self, device_id: str) -> tuple[str, str]:
+        """New broker credentials for a device (user name = device id), known to the embedded broker from now on."""
+        password = secrets.token_urlsafe(32)
+        self.accounts.add_device(device_id, password)
+        return device_id, password
+
     def start(self, timeout: float = 30.0) -> "FleetServer":
         import uvicorn
 
         from fleet.api.app import create_app
 
-        config = uvicorn.Config(create_app(self.settings), host="127.0.0.1", port=self.port, log_level="warning")
+        app = create_app(self.settings, authenticator=self.accounts)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="slmops-fleet", daemon=True)
         self._thread.start()
@@ -117,6 +131,7 @@ class AgentProcess:
     log_path: Path
     api_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    login: tuple[str, str] | None = field(default=None, repr=False)  # broker user name and password
 
     @property
     def api_url(self) -> str:
@@ -132,9 +147,13 @@ class AgentProcess:
             "--api-port", str(self.api_port),
             "--telemetry-interval", "2",
         ]
+        secret = {}
+        if self.login is not None:
+            cmd += ["--broker-username", self.login[0]]
+            secret = {"SLMOPS_AGENT_BROKER_PASSWORD": self.login[1]}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **secret}
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         return self

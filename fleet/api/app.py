@@ -4,6 +4,12 @@ Lifespan: open the database (creating tables), start the embedded MQTT broker un
 connect messaging and wait briefly for its subscriptions (the app serves even while the broker is away; paho keeps
 retrying), load the trusted keys. On shutdown everything stops in reverse order.
 
+The embedded broker admits only clients its `fleet.acl.Authenticator` knows: the one given to `create_app` (or
+set on `app.state.authenticator` before start-up), else one that knows the fleet alone. Without a configured
+`broker_password` the fleet gets a random one for this run. `Fleet.accounts` is how enrolment and revocation reach
+the broker: the embedded broker's own accounts, the `accounts` given to `create_app` (or `app.state.accounts`),
+or, with `broker_admin_username` set, mosquitto's dynamic security (`fleet.dynsec.DynsecAccounts`).
+
 Errors raised on purpose (`protocol.errors.SlmopsError` and the fleet's own) become JSON `{"detail", "code"}`
 with one status code per family: 404 not found, 409 conflict, 413 too large, 422 unacceptable content or input.
 """
@@ -11,6 +17,7 @@ with one status code per family: 404 not found, 409 conflict, 413 too large, 422
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -21,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from protocol.errors import ConfigError, SlmopsError
 from protocol.trust import Keyring, PublicKey
 
+from ..acl import Authenticator, BrokerAccounts
 from ..bundles import BundleStore
 from ..db import open_database
 from ..errors import ConflictError, NotFoundError, TooLargeError
@@ -35,29 +43,48 @@ CONNECT_WAIT_S = 5.0  # seconds start-up waits for the MQTT subscriptions before
 _STATUS = ((NotFoundError, 404), (ConflictError, 409), (TooLargeError, 413))
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+def create_app(
+    settings: Settings | None = None,
+    *,
+    authenticator: Authenticator | None = None,
+    accounts: BrokerAccounts | None = None,
+) -> FastAPI:
+    given = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings = given
         async with AsyncExitStack() as stack:
             keyring = load_keyring(settings)
             db = open_database(settings.database_url)
             stack.callback(db.close)
             store = BundleStore(settings.data_dir)
+            broker_accounts = accounts or getattr(app.state, "accounts", None)
             if settings.broker_url is None:
-                from ..broker import EmbeddedBroker
+                from ..broker import EmbeddedBroker, StaticAccounts
 
-                broker = await run_in_threadpool(
-                    EmbeddedBroker(settings.embedded_broker_host, settings.embedded_broker_port).start
-                )
+                if settings.broker_password is None:  # the fleet's own account on its own broker, for this run
+                    settings = settings.model_copy(update={"broker_password": secrets.token_urlsafe(32)})
+                auth = authenticator or getattr(app.state, "authenticator", None)
+                if auth is None:
+                    log.warning("no broker authenticator given: only the fleet may use the embedded broker")
+                    auth = StaticAccounts(settings.broker_password, fleet_username=settings.broker_username)  # type: ignore[arg-type]
+                broker = EmbeddedBroker(settings.embedded_broker_host, settings.embedded_broker_port, authenticator=auth)
+                await run_in_threadpool(broker.start)
                 stack.callback(broker.stop)
+                broker_accounts = broker_accounts or broker.accounts
+            elif broker_accounts is None and settings.broker_admin_username:
+                from ..dynsec import DynsecAccounts
+
+                broker_accounts = DynsecAccounts.from_settings(settings)
+                stack.callback(broker_accounts.close)
             messaging = FleetMessaging(settings, db.sessions)
             messaging.start()
             stack.callback(messaging.stop)
             if not await run_in_threadpool(messaging.wait_connected, CONNECT_WAIT_S):
                 log.warning("MQTT broker %s not reachable yet; still trying", settings.effective_broker_url)
-            app.state.fleet = Fleet(settings=settings, db=db, store=store, messaging=messaging, keyring=keyring)
+            app.state.fleet = Fleet(settings=settings, db=db, store=store, messaging=messaging, keyring=keyring,
+                                    accounts=broker_accounts)
             yield
 
     app = FastAPI(title="slmops fleet", version="1", lifespan=lifespan)

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from protocol.trust import Keyring
 
+from ..acl import BrokerAccounts
 from ..bundles import BundleStore
 from ..db import Database
 from ..messaging import FleetMessaging
@@ -26,6 +27,7 @@ class Fleet:
     store: BundleStore
     messaging: FleetMessaging
     keyring: Keyring | None  # None: uploads need a signature, but from any key
+    accounts: BrokerAccounts | None = None  # how enrolment and revocation reach the broker; None: kept by hand
 
 
 def get_fleet(request: Request) -> Fleet:

@@ -33,12 +33,11 @@ from agent.scheduler import Scheduler
 from agent.service import Agent
 from agent.store import ModelRef, SeqCounter, Store
 from agent.update import State, Updater
-from fleet.broker import EmbeddedBroker
 from fleet.bundles import build_bundle
 from protocol.messages import BundleRef, CancelCommand, DeployCommand, StatusReport, UpdateState, parse_message
 from protocol.trust import Keyring, generate_keypair
 from slmops.story import damaged_copy
-from tests.net import free_port
+from tests.net import device_password, embedded_broker
 
 U = UpdateState
 NOW = datetime.now(timezone.utc)
@@ -253,7 +252,7 @@ def test_real_read_only_disk_at_start_serves_and_fails_updates_once(small_disk, 
 # -- 3. the agent: damaged state and damaged models at start --------------------------------------------------------
 @pytest.fixture(scope="module")
 def broker():
-    b = EmbeddedBroker("127.0.0.1", free_port()).start()
+    b = embedded_broker().start()
     yield b
     b.stop()
 
@@ -266,6 +265,7 @@ class running_agent:
 
     def __enter__(self):
         cfg = AgentConfig(device_id="dev-1", data_dir=self.data, broker_url=self.broker.url,
+                          broker_username="dev-1", broker_password=device_password("dev-1"),
                           trusted_keys=(self.served[0] / "fleet.pub",), api_port=0, telemetry_interval_s=3600,
                           limits=self.limits)
         self.reports: queue.Queue[StatusReport] = queue.Queue()

@@ -23,13 +23,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import AgentConfig
 from agent.service import Agent
-from fleet.broker import EmbeddedBroker
 from fleet.bundles import build_bundle
 from protocol import topics
 from protocol.messages import BundleRef, DeployCommand, StatusReport, UpdateState, encode
 from protocol.trust import generate_keypair
 from slmops.story import damaged_copy
-from tests.net import free_port
+from tests.net import FLEET_PASSWORD, device_password, embedded_broker
 
 pytestmark = pytest.mark.integration
 NOW = datetime.now(timezone.utc)
@@ -45,12 +44,13 @@ class Rig:
         (tmp / "fleet.pub").write_bytes(self.key.public.to_pem())
         self.www = tmp / "www"
         self.www.mkdir()
-        self.broker = EmbeddedBroker("127.0.0.1", free_port()).start()
+        self.broker = embedded_broker().start()
         handler = functools.partial(QuietHandler, directory=str(self.www))
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
         self.reports: queue.Queue[StatusReport] = queue.Queue()
-        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-fleet")
+        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="slmops-fleet-test")
+        self.pub.username_pw_set("fleet", FLEET_PASSWORD)
         self.pub.connect("127.0.0.1", self.broker.port)
         self.pub.loop_start()
         self.agent: Agent | None = None
@@ -61,6 +61,8 @@ class Rig:
             device_id="dev-1",
             data_dir=self.tmp / "agent",
             broker_url=self.broker.url,
+            broker_username="dev-1",
+            broker_password=device_password("dev-1"),
             trusted_keys=(self.tmp / "fleet.pub",),
             api_port=0,
             telemetry_interval_s=3600,

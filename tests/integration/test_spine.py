@@ -33,7 +33,7 @@ def check_story(tmp: Path, model: Path, broker_url: str | None) -> None:
 
     fleet = FleetServer(tmp / "fleet", broker_url=broker_url, trusted_keys=(pub,)).start()
     client = FleetClient(fleet.url)
-    agents = [AgentProcess(d, tmp / d, fleet.broker_url, pub, tmp / f"{d}.log") for d in DEVICES]
+    agents = [AgentProcess(d, tmp / d, fleet.broker_url, pub, tmp / f"{d}.log", login=fleet.device_login(d)) for d in DEVICES]
     try:
         for a in agents:
             a.start()
