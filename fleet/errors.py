@@ -27,3 +27,9 @@ class TooLargeError(FleetError):
     """An upload is larger than the fleet accepts."""
 
     code = "too_large"
+
+
+class BrokerAccountsError(FleetError):
+    """The broker refused, or did not answer, a change to its accounts (enrolling or revoking a device)."""
+
+    code = "broker_accounts"

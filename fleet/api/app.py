@@ -11,7 +11,8 @@ the broker: the embedded broker's own accounts, the `accounts` given to `create_
 or, with `broker_admin_username` set, mosquitto's dynamic security (`fleet.dynsec.DynsecAccounts`).
 
 Errors raised on purpose (`protocol.errors.SlmopsError` and the fleet's own) become JSON `{"detail", "code"}`
-with one status code per family: 404 not found, 409 conflict, 413 too large, 422 unacceptable content or input.
+with one status code per family: 404 not found, 409 conflict, 413 too large, 422 unacceptable content or input,
+502 the broker refused a change to its accounts.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from protocol.trust import Keyring, PublicKey
 from ..acl import Authenticator, BrokerAccounts
 from ..bundles import BundleStore
 from ..db import open_database
-from ..errors import ConflictError, NotFoundError, TooLargeError
+from ..errors import BrokerAccountsError, ConflictError, NotFoundError, TooLargeError
 from ..messaging import FleetMessaging
 from ..settings import Settings
 from .deps import Fleet
@@ -40,7 +41,7 @@ from .routes import bundles, deployments, devices, health, metrics
 log = logging.getLogger(__name__)
 
 CONNECT_WAIT_S = 5.0  # seconds start-up waits for the MQTT subscriptions before serving anyway
-_STATUS = ((NotFoundError, 404), (ConflictError, 409), (TooLargeError, 413))
+_STATUS = ((NotFoundError, 404), (ConflictError, 409), (TooLargeError, 413), (BrokerAccountsError, 502))
 
 
 def create_app(
