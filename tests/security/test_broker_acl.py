@@ -347,8 +347,13 @@ def _fleet_password_for_a_device(s: Scene) -> Peer:
     return s.connect(f"slmops-agent-{s.a}", s.a, s.rig.fleet_login[1])
 
 
+def _anonymous_with_bs_client_id(s: Scene) -> Peer:
+    return s.connect(f"slmops-agent-{s.b}", None, None)  # amqtt itself would drop B's session before asking
+
+
 CONNECT_REFUSALS = [
     pytest.param(_anonymous, id="anonymous"),
+    pytest.param(_anonymous_with_bs_client_id, id="anonymous_with_bs_client_id"),
     pytest.param(_wrong_password, id="wrong_password"),
     pytest.param(_unknown_user, id="unknown_user"),
     pytest.param(_revoked, id="revoked_device"),
