@@ -91,11 +91,14 @@ class AgentConfig:
     api_port: int = 8800  # 0: pick a free port
     telemetry_interval_s: float = 30.0  # seconds between telemetry samples
     reconnect_max_s: float = 10.0  # seconds: the longest wait between two tries to reach the broker
+    broker_username: str | None = None  # this device's broker account (from enrolment); None: connect anonymously
+    broker_password: str | None = field(default=None, repr=False)
+    broker_ca_file: Path | None = None  # PEM CA the broker's certificate must chain to (mqtts://); None: system store
+    broker_cert_file: Path | None = None  # PEM client certificate for mutual TLS
+    broker_key_file: Path | None = None  # its private key (PEM), unless it is in broker_cert_file
     limits: Limits = field(default_factory=Limits)
     serving: Serving = field(default_factory=Serving)
     fleet_token: str | None = field(default=None, repr=False)  # Authorization: Bearer for bundle downloads
-    broker_username: str | None = None  # MQTT username (the device id after enrolment); None: anonymous
-    broker_password: str | None = field(default=None, repr=False)  # MQTT password from enrolment
 
     def __post_init__(self) -> None:
         check_device_id(self.device_id)

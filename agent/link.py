@@ -1,8 +1,11 @@
 """The agent's MQTT link: a persistent session, presence with a last will, commands in, reports out.
 
-Workflow: `Link.start()` connects in the background (the local API never waits for the fleet) with a stable client id and a persistent session (MQTT 3.1.1 clean_session=False,
-or MQTT 5 clean_start=False with a session expiry), so QoS 1 commands sent while the device was away arrive when
-it returns. The broker holds an "offline" presence as the last will; on connect the agent publishes a retained
+Workflow: `Link.start()` connects in the background (the local API never waits for the fleet) with a stable client
+id (`slmops-agent-<device id>`, the only one the broker lets this device's account use), its broker credentials
+and TLS files, and a persistent session (MQTT 3.1.1 clean_session=False, or MQTT 5 clean_start=False with a session
+expiry; the client comes from `mqttlink.make_client`), so QoS 1 commands sent while the device was away arrive when
+it returns. A broker that refuses the credentials, or refuses the command subscription, is logged once as an error
+(`mqttlink.Watch`) and `connected` stays clear. The broker holds an "offline" presence as the last will; on connect the agent publishes a retained
 "online" presence and subscribes to its command topic. Payloads become typed messages at this edge; malformed or
 misaddressed ones are logged and dropped. paho reconnects by itself, waiting 1 s, then twice as long after each
 failed try, never more than `reconnect_max_s`, and keeps unacknowledged QoS 1 publishes to send again meanwhile.
@@ -20,21 +23,25 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.properties import Properties
-from paho.mqtt.packettypes import PacketTypes
 
+from mqttlink import ClientOptions, Watch, connect, make_client
 from protocol import topics
-from protocol.errors import ConfigError, MessageError, clip, one_line
+from protocol.errors import MessageError, clip, one_line
 from protocol.messages import ActiveModel, CancelCommand, DeployCommand, Presence, _Message, encode, parse_message
-from protocol.topics import BrokerAddress
 
 from .store import SeqCounter
 
 log = logging.getLogger("slmops.agent.link")
 SESSION_EXPIRY_S = 7 * 24 * 3600  # seconds the broker keeps an MQTT 5 session (and queued commands) while away
+MAX_QUEUED = 1000  # messages paho keeps while the broker is away
+
+
+def client_id(device_id: str) -> str:
+    """The MQTT client id of a device's agent; the broker admits a device's account under this id only."""
+    return f"slmops-agent-{device_id}"
 
 
 def now() -> datetime:
@@ -52,24 +59,30 @@ class Link:
         active: Callable[[], ActiveModel | None],
         agent_version: str = "",
         reconnect_max_s: float = 10.0,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
     ) -> None:
-        if not reconnect_max_s > 0:
-            raise ConfigError(f"reconnect_max_s must be a positive number of seconds, not {reconnect_max_s}")
-        self.device_id, self.addr = device_id, BrokerAddress.parse(broker_url)
+        self.opts = ClientOptions(
+            broker_url=broker_url,
+            client_id=client_id(device_id),
+            username=username,
+            password=password,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            reconnect_max_s=reconnect_max_s,
+            session_expiry_s=SESSION_EXPIRY_S,
+            max_queued=MAX_QUEUED,
+        )
+        self.device_id, self.addr = device_id, self.opts.address
         self.seq, self.on_deploy, self.active, self.agent_version = seq, on_deploy, active, agent_version
         self.connected = threading.Event()  # set once the broker acknowledged the command subscription
         self._sub_mid: int | None = None
-        v5 = self.addr.protocol == 5
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"slmops-agent-{device_id}",
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else False,
-        )
-        if self.addr.tls:
-            self.client.tls_set()
-        self.client.reconnect_delay_set(min_delay=min(1.0, reconnect_max_s), max_delay=reconnect_max_s)  # type: ignore[arg-type]
-        self.client.max_queued_messages_set(1000)
+        self._watch = Watch(log, self.opts)
+        self.client = make_client(self.opts)
         self.client.will_set(str(topics.presence(device_id)), self._presence(False), qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
@@ -79,13 +92,7 @@ class Link:
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
         """Begin connecting in the background; the agent serves locally whether or not the broker is reachable."""
-        kwargs = {}
-        if self.addr.protocol == 5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = SESSION_EXPIRY_S
-            kwargs = {"clean_start": False, "properties": props}
-        self.client.connect_async(self.addr.host, self.addr.port, keepalive=30, **kwargs)
-        self.client.loop_start()  # paho retries the first connection and every later one by itself
+        connect(self.client, self.opts)  # paho retries the first connection and every later one by itself
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self.connected.wait(timeout_s)
@@ -127,15 +134,14 @@ class Link:
 
     # -- paho callbacks (network thread) --------------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
-        if reason_code.is_failure:
-            log.error("the broker at %s refused the connection: %s; retrying", self.addr, reason_code)
+        if not self._watch.connack_ok(reason_code):
             return
         _, self._sub_mid = client.subscribe(str(topics.cmd(self.device_id)), qos=1)
         self.announce()
         log.info("connected to %s as %s", self.addr, self.device_id)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
-        if mid == self._sub_mid:
+        if mid == self._sub_mid and self._watch.suback_ok([str(topics.cmd(self.device_id))], reason_codes):
             self.connected.set()  # commands can reach us from here on
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:

@@ -79,6 +79,11 @@ class Agent:
             active=self._active,
             agent_version=__version__,
             reconnect_max_s=config.reconnect_max_s,
+            username=config.broker_username,
+            password=config.broker_password,
+            ca_file=config.broker_ca_file,
+            cert_file=config.broker_cert_file,
+            key_file=config.broker_key_file,
         )
         self.updater = Updater(
             store=self.store,

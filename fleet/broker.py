@@ -1,77 +1,261 @@
-"""The embedded MQTT 3.1.1 broker (amqtt) for a fleet that has no broker of its own.
+"""The embedded MQTT 3.1.1 broker (amqtt) for a fleet that has no broker of its own, with every client identified.
 
-Workflow: `EmbeddedBroker(host, port).start()` runs amqtt on its own asyncio loop in a daemon thread and returns
-once amqtt's listener is bound (or raises ConfigError when it cannot bind); `stop()` shuts it down and joins the thread. It is also a context manager.
+Workflow: `EmbeddedBroker(host, port, authenticator=..., tls=...).start()` runs amqtt on its own asyncio loop in a
+daemon thread and returns once amqtt's listener is bound (or raises ConfigError when it cannot bind); `stop()` shuts
+it down and joins the thread. It is also a context manager. `accounts` (an `EmbeddedAccounts`, a
+`fleet.acl.BrokerAccounts`) is how enrolment and revocation reach it: `remove_device` drops a revoked device's live
+session and forgets its queued commands (`disconnect_device`).
 
-Anyone may connect without credentials. amqtt's stock `AnonymousAuthPlugin` marks such sessions anonymous, and
-amqtt then drops them at disconnect and queues nothing for them, which would undo `clean_session=False`;
-`OpenAuthPlugin` admits every client without that mark, so persistent sessions keep their subscriptions and
-QoS 1 messages while a client is away (amqtt hands such queued messages over with the retain flag set).
-Retained messages and last wills are amqtt's own; `_Broker` only stops amqtt from replaying other clients'
-retained messages to a client that did not subscribe to them. For several fleet
-replicas use an external MQTT 5 broker (mosquitto, EMQX) instead.
+Who may do what (`_Gate`, asked on the broker's loop):
+- CONNECT: every client names a user and a password, which the `fleet.acl.Authenticator` turns into a `Principal`
+  (in a worker thread: it may ask the database); anonymous clients, wrong passwords and revoked devices get CONNACK
+  4 (bad user name or password). The client id must be one `Principal.may_use_client_id` allows and a last will
+  must go to a topic the principal may publish to, else CONNACK 5 (not authorised). This check runs as soon as the
+  CONNECT is read, before amqtt looks at the client id, so a refused client never deletes, takes over or rewrites
+  the credentials of another client's session (`_Broker._initialize_client_session`).
+- SUBSCRIBE: `fleet.acl.may_subscribe`; a refused filter gets the failure return code 0x80 in the SUBACK.
+- PUBLISH: `fleet.acl.may_publish`; a refused message is dropped (MQTT 3.1.1 has no way to say so), counted in
+  `refused_publishes` and logged on one line (the first from a client, then at each power of two).
+- delivery: a message reaches a client only on topics its principal may read, as a second line of defence.
+The principal admitted under each client id is kept until that device is removed; amqtt's plugin API
+(`FleetAclPlugin`, an auth and topic plugin) asks the gate on every later check.
+
+Sessions: amqtt's stock `AnonymousAuthPlugin` marks sessions anonymous, and amqtt then drops them at disconnect and
+queues nothing for them, which would undo `clean_session=False`; `FleetAclPlugin` admits clients without that mark,
+so persistent sessions keep their subscriptions and QoS 1 messages while a client is away (amqtt hands such queued
+messages over with the retain flag set). Retained messages and last wills are amqtt's own; `_Broker` only stops
+amqtt from replaying other clients' retained messages to a client that did not subscribe to them. For several
+fleet replicas use an external MQTT 5 broker (mosquitto with the configuration in `deploy/mosquitto/`) instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import threading
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from amqtt.broker import Broker
-from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.contexts import Action
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
+from amqtt.utils import format_client_message
 
-from protocol.errors import ConfigError
+from protocol import topics
+from protocol.errors import ConfigError, clip, one_line
+
+from .acl import Authenticator, Principal, may_publish, may_subscribe
 
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # seconds a disconnected persistent session (and its queue) is kept
 START_TIMEOUT_S = 10.0  # seconds to wait for the broker's listener
+DROP_TIMEOUT_S = 10.0  # seconds disconnect_device waits for the broker's loop
+
+
+def may_receive(who: Principal, topic: str) -> bool:
+    """What a principal may be sent: a device only its own commands, the fleet only device reports."""
+    if who.role == "device":
+        return topic == str(topics.cmd(who.device_id))  # type: ignore[arg-type]
+    try:
+        return topics.Topic.parse(topic).channel is not topics.Channel.CMD
+    except Exception:  # noqa: BLE001 - any topic that does not parse is one the fleet never reads
+        return False
+
+
+class _Gate:
+    """The principal admitted under each client id, and the counts of what was refused."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+        self.principals: dict[str, Principal] = {}  # client id -> who connected under it
+        self.refused_connects = 0
+        self.refused_subscriptions = 0
+        self.refused_publishes = 0
+        self._publishes_by_client: Counter[str] = Counter()
+
+    async def admit(self, session: Session) -> int | None:
+        """None when this CONNECT may go on, else the CONNACK return code that refuses it."""
+        cid = session.client_id or ""
+        shown = f"{clip(cid, 80)} from {session.remote_address}"
+        if not session.username or session.password is None:
+            return self._refuse(BAD_USERNAME_PASSWORD, shown, "no user name or password (anonymous clients are refused)")
+        try:
+            who = await asyncio.to_thread(self.authenticator.authenticate, session.username, session.password)
+        except Exception as exc:  # noqa: BLE001 - a broken authenticator refuses, it never admits
+            log.error("MQTT authentication failed for %s: %s", shown, one_line(exc))
+            return self._refuse(SERVER_UNAVAILABLE, shown, "the authenticator failed")
+        if who is None:
+            return self._refuse(BAD_USERNAME_PASSWORD, shown, f"unknown user {clip(session.username, 80)}, wrong password or revoked")
+        if not who.may_use_client_id(cid):
+            return self._refuse(NOT_AUTHORIZED, shown, f"user {clip(session.username, 80)} may not use this client id")
+        if session.will_flag and not may_publish(who, session.will_topic or ""):
+            return self._refuse(NOT_AUTHORIZED, shown, f"a last will on {clip(session.will_topic, 80)} it may not publish to")
+        self.principals[cid] = who
+        return None
+
+    def _refuse(self, code: int, shown: str, why: str) -> int:
+        self.refused_connects += 1
+        log.warning("refused MQTT client %s: %s", shown, why)
+        return code
+
+    def allows(self, session: Session | None, topic: str, action: Action) -> bool:
+        cid = session.client_id if session is not None else None
+        who = self.principals.get(cid) if cid else None
+        if action == Action.RECEIVE:
+            return who is not None and may_receive(who, topic)
+        if action == Action.SUBSCRIBE:
+            if who is not None and may_subscribe(who, topic):
+                return True
+            self.refused_subscriptions += 1
+            log.warning("refused MQTT client %s the subscription to %s", clip(cid, 80), clip(topic, 120))
+            return False
+        if who is not None and may_publish(who, topic):
+            return True
+        self.refused_publishes += 1
+        self._publishes_by_client[cid or ""] += 1
+        n = self._publishes_by_client[cid or ""]
+        if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th ... from one client: a flood cannot flood the log
+            log.warning("dropped a PUBLISH from MQTT client %s to %s: not allowed for its account (%d from it so far)",
+                        clip(cid, 80), clip(topic, 120), n)
+        return False
+
+
+class FleetAclPlugin(BaseAuthPlugin, BaseTopicPlugin):
+    """amqtt's plugin API onto the gate: admits only clients the gate admitted, filters every topic action."""
+
+    @dataclass
+    class Config:
+        gate: Any = None  # the broker's _Gate
+
+    async def authenticate(self, *, session: Session) -> bool:
+        gate: _Gate = self.context.config.gate  # type: ignore[union-attr]
+        return session.client_id in gate.principals  # set by _Gate.admit a moment ago, or the session is refused
+
+    async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
+                              action: Action | None = None) -> bool:
+        gate: _Gate = self.context.config.gate  # type: ignore[union-attr]
+        return topic is not None and action is not None and gate.allows(session, topic, action)
 
 
 class _Broker(Broker):
-    """amqtt's broker, sending a connecting client only the retained messages of its own subscriptions.
+    """amqtt's broker, checking each CONNECT before it touches any session, and sending a connecting client only
+    the retained messages of its own subscriptions.
 
-    amqtt 0.12.1 replays, on every connect, the retained messages matching any filter any client subscribed to,
-    so a device would receive every other device's retained presence.
+    amqtt 0.12.1 deletes (clean session) or takes over and rewrites (persistent session) the session of a CONNECT's
+    client id before it asks the authentication plugins, so a refused client could still kick another off; and it
+    replays, on every connect, the retained messages matching any filter any client subscribed to, so a device
+    would receive every other device's retained presence.
     """
+
+    def __init__(self, config: dict[str, Any], gate: _Gate) -> None:
+        self.gate = gate
+        super().__init__(config)
+
+    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str, remote_port: int
+                                         ) -> tuple[BrokerProtocolHandler, Session]:
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except MQTTError:
+            await writer.close()
+            raise
+        except (AMQTTError, NoDataError) as exc:
+            raise AMQTTError(exc) from exc
+        refusal = await self.gate.admit(session)
+        if refusal is not None:
+            await ConnackPacket.build(0, refusal).to_stream(writer)
+            await writer.close()
+            raise MQTTError(f"refused {format_client_message(address=remote_address, port=remote_port)}")
+        # from here on amqtt 0.12.1's own _initialize_client_session, unchanged
+        if session.clean_session:
+            if session.client_id:
+                await self._delete_session(session.client_id)
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            existing, _ = self._sessions[session.client_id]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username", "password"):
+                setattr(existing, name, getattr(session, name))
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return handler, session
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
         subscribers = self._subscriptions.get(subscription[0], [])
         if any(s.client_id == session.client_id for s, _ in subscribers):
             await super()._publish_retained_messages_for_subscription(subscription, session)
 
-
-class OpenAuthPlugin(BaseAuthPlugin):
-    """Admit every client, keeping its session persistent when it asks for clean_session=False."""
-
-    async def authenticate(self, *, session: Session) -> bool:
+    async def drop_client(self, client_id: str) -> bool:
+        """Forget who `client_id` was, end its connection and delete its session; True if there was one."""
+        self.gate.principals.pop(client_id, None)
+        session, handler = self._sessions.get(client_id, (None, None))
+        if session is None:
+            return False
+        if handler is not None and session.transitions.is_connected():
+            await handler.handle_connection_closed()  # its message loop ends and closes the socket
+            await handler.stop()
+        await self._delete_session(client_id)
         return True
 
 
-def broker_config(host: str, port: int) -> dict[str, object]:
-    """amqtt 0.12 configuration: one TCP listener and the open authentication plugin, nothing else."""
+@dataclass(frozen=True)
+class ListenerTls:
+    """TLS on the embedded broker's listener: its certificate and key (PEM); clients that present a certificate
+    must chain to `ca_file` when one is given (amqtt asks for client certificates but does not require them)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+
+
+def broker_config(host: str, port: int, gate: _Gate, tls: ListenerTls | None = None) -> dict[str, object]:
+    """amqtt 0.12 configuration: one TCP listener (TLS when asked) and the fleet's ACL plugin, nothing else."""
+    listener: dict[str, object] = {"type": "tcp", "bind": f"{host}:{port}"}
+    if tls is not None:
+        listener |= {"ssl": True, "certfile": str(tls.cert_file), "keyfile": str(tls.key_file)}
+        if tls.ca_file is not None:
+            listener["cafile"] = str(tls.ca_file)
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "listeners": {"default": listener},
         "session_expiry_interval": SESSION_EXPIRY_S,
-        "plugins": {f"{__name__}.OpenAuthPlugin": {}},
+        "plugins": {f"{__name__}.FleetAclPlugin": {"gate": gate}},
     }
 
 
 class EmbeddedBroker:
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, authenticator: Authenticator,
+                 tls: ListenerTls | None = None) -> None:
+        self.host, self.port, self.tls = host, port, tls
+        self.gate = _Gate(authenticator)
+        self.accounts = EmbeddedAccounts(self)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._broker: _Broker | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    @property
+    def refused_publishes(self) -> int:
+        return self.gate.refused_publishes
 
     def start(self) -> "EmbeddedBroker":
         if self._thread is not None:
@@ -86,6 +270,22 @@ class EmbeddedBroker:
             ) from self._error
         log.info("embedded MQTT broker listening on %s", self.url)
         return self
+
+    def disconnect_device(self, device_id: str) -> bool:
+        """End a device's live session and delete its queued commands (after revocation); True if it had one.
+        Its credentials must already be refused by the authenticator, or it simply connects again."""
+        loop, broker = self._loop, self._broker
+        if loop is None or broker is None or loop.is_closed():
+            return False
+        ids = {cid for cid, who in self.gate.principals.items() if who.device_id == device_id}
+        ids.add(f"slmops-agent-{topics.check_device_id(device_id)}")
+
+        async def drop() -> bool:
+            return any([await broker.drop_client(cid) for cid in sorted(ids)])
+
+        dropped = asyncio.run_coroutine_threadsafe(drop(), loop).result(DROP_TIMEOUT_S)
+        log.info("device %s removed from the embedded broker%s", device_id, " (its session dropped)" if dropped else "")
+        return dropped
 
     def stop(self) -> None:
         thread, loop, stop = self._thread, self._loop, self._stop
@@ -115,12 +315,70 @@ class EmbeddedBroker:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         try:
-            broker = _Broker(broker_config(self.host, self.port))
+            broker = _Broker(broker_config(self.host, self.port, self.gate, self.tls), self.gate)
             await broker.start()
         except Exception as exc:  # amqtt wraps bind errors in BrokerError; anything else is just as fatal here
             self._error = exc
             self._ready.set()
             return
+        self._broker = broker
         self._ready.set()
         await self._stop.wait()
+        self._broker = None
         await broker.shutdown()
+
+
+class EmbeddedAccounts:
+    """`fleet.acl.BrokerAccounts` for the embedded broker: the authenticator already knows every device (the
+    database), so `add_device` only tells an authenticator that keeps its own list; `remove_device` does the same
+    and then drops the device's live session."""
+
+    def __init__(self, broker: EmbeddedBroker) -> None:
+        self.broker = broker
+
+    def add_device(self, device_id: str, password: str) -> None:
+        add = getattr(self.broker.gate.authenticator, "add_device", None)
+        if add is not None:
+            add(device_id, password)
+
+    def remove_device(self, device_id: str) -> None:
+        remove = getattr(self.broker.gate.authenticator, "remove_device", None)
+        if remove is not None:
+            remove(device_id)
+        self.broker.disconnect_device(device_id)
+
+
+class StaticAccounts:
+    """An in-memory `Authenticator` and `BrokerAccounts`: the fleet's password and a password per device, held as
+    sha256 digests. For tests, the demo and a fleet without device enrolment; the fleet's database replaces it.
+    A fast hash is enough here because every password is a 256-bit random token (`secrets.token_urlsafe(32)`):
+    there is no dictionary to guess from, only the digest to keep the token itself out of memory dumps."""
+
+    def __init__(self, fleet_password: str, devices: Mapping[str, str] | None = None, *,
+                 fleet_username: str = "fleet") -> None:
+        self.fleet_username = fleet_username
+        self._fleet = _digest(fleet_password)
+        self._devices: dict[str, bytes] = {}
+        for device_id, password in (devices or {}).items():
+            self.add_device(device_id, password)
+
+    def add_device(self, device_id: str, password: str) -> None:
+        self._devices[topics.check_device_id(device_id)] = _digest(password)
+
+    def remove_device(self, device_id: str) -> None:
+        self._devices.pop(device_id, None)
+
+    def authenticate(self, username: str | None, password: str | None) -> Principal | None:
+        if username is None or password is None:
+            return None
+        given = _digest(password)
+        if username == self.fleet_username:
+            return Principal("fleet") if hmac.compare_digest(given, self._fleet) else None
+        want = self._devices.get(username)
+        if want is None or not hmac.compare_digest(given, want):
+            return None
+        return Principal("device", username)
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()

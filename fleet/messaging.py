@@ -1,9 +1,12 @@
 """MQTT in and out of the fleet: deploy commands out; status, telemetry and presence in.
 
-Workflow: `FleetMessaging(settings, sessions).start()` connects a paho-mqtt 2.x client (its own network thread,
-reconnects by itself, waiting 1 s and then twice as long after each failed try, at most `reconnect_max_s`) with a stable client id and a persistent session, and on every (re)connect subscribes at
+Workflow: `FleetMessaging(settings, sessions).start()` connects a paho-mqtt 2.x client made by `mqttlink` (its own
+network thread, reconnects by itself, waiting 1 s and then twice as long after each failed try, at most
+`reconnect_max_s`) with a stable client id, the fleet's broker credentials (`broker_username`/`broker_password`,
+TLS files) and a persistent session, and on every (re)connect subscribes at
 QoS 1 to the status, telemetry and presence wildcards of `protocol.topics`. `wait_connected()` returns once the
-broker has acknowledged those subscriptions.
+broker has acknowledged those subscriptions; a broker that refuses the fleet's credentials or any of them is
+logged once as an error (`mqttlink.Watch`) and the fleet stays unsubscribed.
 
 Each inbound payload becomes a typed message with `protocol.messages.parse_message` (which refuses anything over
 `MAX_MESSAGE_BYTES` unparsed); a payload that does not parse, names another device than its topic, or arrives on
@@ -16,7 +19,8 @@ again (see `fleet.deployments.commands_to_resend`). `publish_deploy` sends a `De
 retained, to `protocol.topics.cmd(device_id)`; paho queues it while the broker is away.
 
 Broker URLs (`protocol.topics.BrokerAddress`): `mqtt://host:port` speaks MQTT 3.1.1 (amqtt, the embedded broker,
-knows only that), `mqtt5://host:port` MQTT 5; `mqtts://` and `mqtt5s://` add TLS with the system's CA store.
+knows only that), `mqtt5://host:port` MQTT 5; `mqtts://` and `mqtt5s://` add TLS (`broker_ca_file`, or the system's
+CA store; `broker_cert_file`/`broker_key_file` for a client certificate).
 """
 
 from __future__ import annotations
@@ -28,13 +32,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from mqttlink import ClientOptions, Watch, connect, make_client
 from protocol import topics
-from protocol.errors import ConfigError, MessageError, TopicError, clip, one_line
+from protocol.errors import MessageError, TopicError, clip, one_line
 from protocol.messages import DeployCommand, Presence, StatusReport, Telemetry, encode, parse_message
 
 from . import crud
@@ -50,6 +53,7 @@ SUBSCRIBED = {
     topics.Channel.TELEMETRY: Telemetry,
     topics.Channel.PRESENCE: Presence,
 }
+FILTERS = [topics.Topic.wildcard(ch) for ch in SUBSCRIBED]  # what the fleet subscribes to, at QoS 1
 
 
 class FleetMessaging:
@@ -61,23 +65,24 @@ class FleetMessaging:
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self.settings, self.sessions, self.clock = settings, sessions, clock
-        try:
-            addr = topics.BrokerAddress.parse(settings.effective_broker_url)
-        except TopicError as exc:
-            raise ConfigError(f"fleet broker_url: {exc}") from exc
+        self.opts = ClientOptions(
+            broker_url=settings.effective_broker_url,
+            client_id=settings.client_id,
+            username=settings.broker_username or None,
+            password=settings.broker_password.get_secret_value() or None,
+            ca_file=settings.broker_ca_file,
+            cert_file=settings.broker_cert_file,
+            key_file=settings.broker_key_file,
+            keepalive_s=KEEPALIVE_S,
+            reconnect_max_s=settings.reconnect_max_s,
+            session_expiry_s=SESSION_EXPIRY_S,
+        )
+        addr = self.opts.address
         self.host, self.port, self.protocol = addr.host, addr.port, addr.protocol
         self._subscribed = threading.Event()
         self._sub_mid: int | None = None
-        v5 = self.protocol == mqtt.MQTTv5
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=settings.client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else False,
-        )
-        if addr.tls:
-            client.tls_set()
-        client.reconnect_delay_set(min(1.0, settings.reconnect_max_s), settings.reconnect_max_s)  # type: ignore[arg-type]
+        self._watch = Watch(log, self.opts)
+        client = make_client(self.opts)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
@@ -88,13 +93,7 @@ class FleetMessaging:
 
     def start(self) -> None:
         """Connect in the background; paho retries until the broker answers."""
-        if self.protocol == mqtt.MQTTv5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = SESSION_EXPIRY_S
-            self.client.connect_async(self.host, self.port, KEEPALIVE_S, clean_start=False, properties=props)
-        else:
-            self.client.connect_async(self.host, self.port, KEEPALIVE_S)
-        self.client.loop_start()
+        connect(self.client, self.opts)
 
     def stop(self) -> None:
         self.client.disconnect()
@@ -161,20 +160,16 @@ class FleetMessaging:
     # ---- paho callbacks (network thread) ---------------------------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            log.error("MQTT broker %s:%s refused the fleet: %s", self.host, self.port, reason)
+        if not self._watch.connack_ok(reason):
             return
         log.info("connected to MQTT broker %s:%s (session present: %s)", self.host, self.port, flags.session_present)
-        _, self._sub_mid = client.subscribe([(topics.Topic.wildcard(ch), 1) for ch in SUBSCRIBED])
+        _, self._sub_mid = client.subscribe([(f, 1) for f in FILTERS])
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, reasons: list[Any], _p: Any) -> None:
         if mid != self._sub_mid:
             return
-        failed = [str(r) for r in reasons if r.is_failure]
-        if failed:
-            log.error("MQTT broker refused the fleet's subscriptions: %s", ", ".join(failed))
-            return
-        self._subscribed.set()
+        if self._watch.suback_ok(FILTERS, reasons):
+            self._subscribed.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._subscribed.clear()

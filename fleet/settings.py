@@ -46,7 +46,13 @@ class Settings(BaseSettings):
     broker_url: str | None = None  # mqtt://host:port (MQTT 3.1.1) or mqtt5://host:port; None: embedded broker
     embedded_broker_host: str = "127.0.0.1"
     embedded_broker_port: int = Field(default=1883, ge=1, le=65535)
-    client_id: str = "slmops-fleet"  # MQTT client id; give each replica its own
+    client_id: str = "slmops-fleet"  # MQTT client id: slmops-fleet or slmops-fleet-<replica>; give each replica its own
+    broker_username: str = "fleet"  # the fleet's broker account
+    broker_ca_file: Path | None = None  # PEM CA the broker's certificate must chain to (mqtts://); None: system store
+    broker_cert_file: Path | None = None  # PEM client certificate for a broker that asks for one (mutual TLS)
+    broker_key_file: Path | None = None  # its private key (PEM), unless it is in broker_cert_file
+    broker_admin_username: str | None = None  # external mosquitto: the dynamic-security admin that enrols devices
+    broker_admin_password: str | None = Field(default=None, repr=False)
     reconnect_max_s: float = Field(default=10.0, gt=0)  # seconds: the longest wait between two tries to reach the broker
     trust_dir: Path | None = None  # trust folder (slmops keys init): signs commands, serves roots, keys uploads
     trusted_keys: list[Path] = Field(default_factory=list)  # without trust_dir: .pub files uploads must be signed by

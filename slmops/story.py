@@ -86,7 +86,7 @@ class FleetServer:
         from fleet.settings import Settings
 
         self.port = free_port()
-        secrets = {"admin_token": admin_token, "broker_password": broker_password}
+        given = {"admin_token": admin_token, "broker_password": broker_password}
         self.settings = Settings(
             data_dir=workdir,
             port=self.port,
@@ -100,7 +100,7 @@ class FleetServer:
             tls_client_ca_file=tls_client_ca_file,
             tls_crl_file=tls_crl_file,
             demo=admin_token is None,
-            **{k: v for k, v in secrets.items() if v is not None},
+            **{k: v for k, v in given.items() if v is not None},
         )
         self._server = None
         self._thread: threading.Thread | None = None

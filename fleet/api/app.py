@@ -7,6 +7,12 @@ Lifespan: open the database (creating tables), start the embedded MQTT broker un
 connect messaging and wait briefly for its subscriptions (the app serves even while the broker is away; paho keeps
 retrying), load the trust folder (`settings.trust_dir`: its bundles role keys uploads) or the trusted keys. On shutdown everything stops in reverse order.
 
+The embedded broker admits only clients its `fleet.acl.Authenticator` knows: the one given to `create_app` (or
+set on `app.state.authenticator` before start-up), else `fleet.auth.DbAuthenticator`: the fleet's own account
+(`broker_username` / `broker_password`) and every enrolled device that is not revoked. `Fleet.accounts` is how enrolment and revocation reach
+the broker: the embedded broker's own accounts, the `accounts` given to `create_app` (or `app.state.accounts`),
+or, with `broker_admin_username` set, mosquitto's dynamic security (`fleet.dynsec.DynsecAccounts`).
+
 Errors raised on purpose (`protocol.errors.SlmopsError` and the fleet's own) become JSON `{"detail", "code"}`
 with one status code per family: 401 unauthenticated (with `WWW-Authenticate: Bearer`), 403 forbidden (a known
 caller without the role, a revoked device), 404 not found, 409 conflict, 413 too large, 429 rate limited (with
@@ -30,7 +36,7 @@ from protocol.trust import Keyring, PublicKey
 
 from ..bundles import BundleStore
 from ..db import open_database
-from ..acl import BrokerAccounts
+from ..acl import Authenticator, BrokerAccounts
 from ..auth import FailureLimiter
 from ..errors import (
     BrokerAccountsError,
@@ -60,16 +66,22 @@ DEMO_SECRETS_FILE = "demo-secrets.json"
 
 
 def create_app(
-    settings: Settings | None = None, *, limiter: FailureLimiter | None = None, accounts: BrokerAccounts | None = None
+    settings: Settings | None = None,
+    *,
+    limiter: FailureLimiter | None = None,
+    authenticator: Authenticator | None = None,
+    accounts: BrokerAccounts | None = None,
 ) -> FastAPI:
-    """The fleet app; `limiter` (failed-attempt counting, injectable clock) and `accounts` (the broker's account
-    list, where it keeps one) are seams for tests and for deployments with mosquitto."""
-    settings = settings or Settings()
-    settings.check_startable()
+    """The fleet app. Seams for tests and for deployments with mosquitto: `limiter` (failed-attempt counting,
+    injectable clock), `authenticator` (who may use the embedded broker; default: the database's devices and the
+    fleet's own account) and `accounts` (the broker's account list, where it keeps one)."""
+    given = settings or Settings()
+    given.check_startable()
     limiter = limiter or FailureLimiter()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings = given
         async with AsyncExitStack() as stack:
             keyring = load_keyring(settings)
             if settings.demo:
@@ -78,21 +90,30 @@ def create_app(
             db = open_database(settings.database_url)
             stack.callback(db.close)
             store = BundleStore(settings.data_dir)
+            broker_accounts = accounts or getattr(app.state, "accounts", None)
             if settings.broker_url is None:
+                from ..auth import DbAuthenticator
                 from ..broker import EmbeddedBroker
 
-                broker = await run_in_threadpool(
-                    EmbeddedBroker(settings.embedded_broker_host, settings.embedded_broker_port).start
-                )
+                auth = authenticator or getattr(app.state, "authenticator", None)
+                if auth is None:  # the fleet's own account and every enrolled device that is not revoked
+                    auth = DbAuthenticator(db.sessions, settings.broker_password.get_secret_value())
+                broker = EmbeddedBroker(settings.embedded_broker_host, settings.embedded_broker_port, authenticator=auth)
+                await run_in_threadpool(broker.start)
                 stack.callback(broker.stop)
+                broker_accounts = broker_accounts or broker.accounts
+            elif broker_accounts is None and settings.broker_admin_username:
+                from ..dynsec import DynsecAccounts
+
+                broker_accounts = DynsecAccounts.from_settings(settings)
+                stack.callback(broker_accounts.close)
             messaging = FleetMessaging(settings, db.sessions)
             messaging.start()
             stack.callback(messaging.stop)
             if not await run_in_threadpool(messaging.wait_connected, CONNECT_WAIT_S):
                 log.warning("MQTT broker %s not reachable yet; still trying", settings.effective_broker_url)
-            app.state.fleet = Fleet(
-                settings=settings, db=db, store=store, messaging=messaging, keyring=keyring, limiter=limiter, accounts=accounts
-            )
+            app.state.fleet = Fleet(settings=settings, db=db, store=store, messaging=messaging, keyring=keyring,
+                                    limiter=limiter, accounts=broker_accounts)
             yield
 
     app = FastAPI(title="slmops fleet", version="1", lifespan=lifespan)

@@ -34,12 +34,11 @@ from agent.scheduler import Scheduler
 from agent.service import Agent
 from agent.store import ModelRef, SeqCounter, Store
 from agent.update import State, Updater
-from fleet.broker import EmbeddedBroker
 from fleet.bundles import build_bundle
 from protocol.messages import BundleRef, CancelCommand, DeployCommand, StatusReport, UpdateState, parse_message
 from protocol.trust import Keyring
 from slmops.story import damaged_copy
-from tests.net import free_port
+from tests.net import device_password, embedded_broker
 from tests.trustkit import TrustKit
 
 U = UpdateState
@@ -265,7 +264,7 @@ def test_real_read_only_disk_at_start_serves_and_fails_updates_once(small_disk, 
 # -- 3. the agent: damaged state and damaged models at start --------------------------------------------------------
 @pytest.fixture(scope="module")
 def broker():
-    b = EmbeddedBroker("127.0.0.1", free_port()).start()
+    b = embedded_broker().start()
     yield b
     b.stop()
 
@@ -278,6 +277,7 @@ class running_agent:
 
     def __enter__(self):
         cfg = AgentConfig(device_id="dev-1", data_dir=self.data, broker_url=self.broker.url,
+                          broker_username="dev-1", broker_password=device_password("dev-1"),
                           trust_root=self.served[0] / "root.json", bundle_origins=(self.served[1],), api_port=0,
                           telemetry_interval_s=3600,
                           limits=self.limits)

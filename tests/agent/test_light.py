@@ -1,5 +1,6 @@
 """The agent stays light: neither importing it nor starting it loads torch or transformers."""
 
+import os
 import re
 import subprocess
 import sys
@@ -7,8 +8,7 @@ import time
 
 import httpx
 
-from fleet.broker import EmbeddedBroker
-from tests.net import free_port
+from tests.net import device_password, embedded_broker, free_port
 from tests.trustkit import ORIGIN, TrustKit
 
 HEAVY = ("torch", "transformers", "peft", "olive", "sqlalchemy", "amqtt")
@@ -27,12 +27,13 @@ def test_importing_every_agent_module_loads_nothing_heavy():
 def test_starting_the_agent_loads_nothing_heavy(tmp_path):
     root = TrustKit().write_root(tmp_path / "root.json")
     port = free_port()
-    with EmbeddedBroker("127.0.0.1", free_port()) as broker:
+    with embedded_broker() as broker:
         proc = subprocess.Popen(
             [sys.executable, "-X", "importtime", "-m", "slmops.cli", "agent", "run", "--device-id", "light-1",
              "--data-dir", str(tmp_path / "d"), "--broker", broker.url, "--trust-root", str(root),
-             "--bundle-origin", ORIGIN, "--api-port", str(port)],
+             "--bundle-origin", ORIGIN, "--api-port", str(port), "--broker-username", "light-1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "SLMOPS_AGENT_BROKER_PASSWORD": device_password("light-1")},
         )
         try:
             deadline = time.monotonic() + 60

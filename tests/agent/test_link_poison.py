@@ -18,10 +18,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.link import Link
 from agent.store import SeqCounter
-from fleet.broker import EmbeddedBroker
 from protocol import topics
 from protocol.messages import BundleRef, DeployCommand, encode
-from tests.net import free_port
+from tests.net import FLEET_PASSWORD, device_password, embedded_broker
 
 DEVICE = "dev-1"
 CMD = str(topics.cmd(DEVICE))
@@ -69,8 +68,9 @@ class Rig:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.broker = EmbeddedBroker("127.0.0.1", free_port()).start()
-        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-fleet")
+        self.broker = embedded_broker().start()
+        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="slmops-fleet-test")
+        self.pub.username_pw_set("fleet", FLEET_PASSWORD)
         self.pub.connect("127.0.0.1", self.broker.port)
         self.pub.loop_start()
         self.got: list[DeployCommand] = []
@@ -85,7 +85,7 @@ class Rig:
 
     def start_link(self) -> Link:
         self.link = Link(DEVICE, self.broker.url, seq=SeqCounter(self.tmp / "seq.json"), on_deploy=self.on_deploy,
-                         active=lambda: None, agent_version="test")
+                         active=lambda: None, agent_version="test", username=DEVICE, password=device_password(DEVICE))
         self.link.start()
         assert self.link.wait_connected(10), "the link did not subscribe to its command topic"
         return self.link

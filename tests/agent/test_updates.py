@@ -23,14 +23,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import AgentConfig
 from agent.service import Agent
-from fleet.broker import EmbeddedBroker
 from fleet.bundles import build_bundle
 from protocol import topics
 from protocol.messages import BundleRef, DeployCommand, StatusReport, UpdateState, encode
 from protocol.manifest import Manifest
 from protocol.trust import generate_keypair, sign_envelope
 from slmops.story import damaged_copy
-from tests.net import free_port
+from tests.net import FLEET_PASSWORD, device_password, embedded_broker
 from tests.trustkit import TrustKit
 
 pytestmark = pytest.mark.integration
@@ -47,12 +46,13 @@ class Rig:
         self.kit.write_root(tmp / "root.json")
         self.www = tmp / "www" / "api" / "v1" / "bundles"  # served like the fleet's bundle paths
         self.www.mkdir(parents=True)
-        self.broker = EmbeddedBroker("127.0.0.1", free_port()).start()
+        self.broker = embedded_broker().start()
         handler = functools.partial(QuietHandler, directory=str(tmp / "www"))
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
         self.reports: queue.Queue[StatusReport] = queue.Queue()
-        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-fleet")
+        self.pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="slmops-fleet-test")
+        self.pub.username_pw_set("fleet", FLEET_PASSWORD)
         self.pub.connect("127.0.0.1", self.broker.port)
         self.pub.loop_start()
         self.agent: Agent | None = None
@@ -63,6 +63,8 @@ class Rig:
             device_id="dev-1",
             data_dir=self.tmp / "agent",
             broker_url=self.broker.url,
+            broker_username="dev-1",
+            broker_password=device_password("dev-1"),
             trust_root=self.tmp / "root.json",
             bundle_origins=(self.origin,),
             api_port=0,

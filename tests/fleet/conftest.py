@@ -25,11 +25,11 @@ from fleet.bundles import build_bundle
 from fleet.settings import Settings
 from protocol import bundle as container
 from protocol.trust import PrivateKey, generate_keypair
-from tests.net import free_port
+from tests.net import FLEET_PASSWORD, embedded_broker, login
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 ADMIN_TOKEN = "slm_" + secrets.token_urlsafe(32)  # the bootstrap admin of every test fleet
-BROKER_PASSWORD = secrets.token_urlsafe(32)  # the test fleet's own MQTT password
+BROKER_PASSWORD = FLEET_PASSWORD  # the test fleet's own MQTT password (tests.net's broker accounts know it)
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
@@ -125,7 +125,7 @@ def make_bundle(tmp_path: Path, model_dir: Path, key: PrivateKey) -> Callable[..
 
 @pytest.fixture
 def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker("127.0.0.1", free_port()) as b:
+    with embedded_broker() as b:
         yield b
 
 
@@ -133,7 +133,7 @@ def broker() -> Iterator[EmbeddedBroker]:
 def settings(tmp_path: Path, broker: EmbeddedBroker, key: PrivateKey) -> Settings:
     """A fleet that trusts `key` (the signer of `make_bundle`), with the test admin token and broker password."""
     return secure_settings(
-        tmp_path / "fleet", key, broker_url=broker.url, public_url="http://fleet.test:8700", client_id="fleet-test"
+        tmp_path / "fleet", key, broker_url=broker.url, public_url="http://fleet.test:8700", client_id="slmops-fleet-test"
     )
 
 
@@ -146,7 +146,8 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 class Device:
-    """A paho client standing in for a device's agent (or any MQTT peer)."""
+    """A paho client standing in for a device's agent (`slmops-agent-<id>`), the fleet (`slmops-fleet-...`) or an
+    anonymous peer, with the credentials `tests.net.login` gives that client id."""
 
     def __init__(
         self,
@@ -163,6 +164,9 @@ class Device:
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
         c.on_message = self._on_message
         c.on_subscribe = lambda *_a: self._subscribed.set()
+        username, password = login(client_id)
+        if username is not None:
+            c.username_pw_set(username, password)
         if will is not None:
             c.will_set(will[0], will[1], qos=1, retain=True)
         c.connect("127.0.0.1", port, keepalive=60)

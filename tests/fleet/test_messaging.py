@@ -60,8 +60,12 @@ def test_group_deploy_publishes_one_command_per_device(client: TestClient, devic
     for dev, groups in (("dev-a", ["lab"]), ("dev-b", ["lab", "edge"]), ("dev-c", ["edge"])):
         assert client.post("/api/v1/devices", json={"id": dev, "groups": groups}).status_code == 201
     assert client.post("/api/v1/devices", json={"id": "dev-c", "groups": ["lab"]}).status_code == 200
-    spy = devices("spy")
-    spy.subscribe(topics.Topic.wildcard(topics.Channel.CMD))
+    spies = {dev: devices(f"slmops-agent-{dev}") for dev in ("dev-a", "dev-b", "dev-c")}
+    for dev, spy in spies.items():
+        spy.subscribe(str(topics.cmd(dev)))
+
+    def received() -> list:  # every device's commands, device by device
+        return [m for d in spies.values() for m in d.received()]
 
     r = client.post("/api/v1/deployments", json={"bundle": "tiny", "version": 1, "group": "lab"})
     assert r.status_code == 201, r.text
@@ -69,8 +73,8 @@ def test_group_deploy_publishes_one_command_per_device(client: TestClient, devic
     assert sorted(t["device_id"] for t in deployment["targets"]) == ["dev-a", "dev-b", "dev-c"]
     assert deployment["counts"] == {"pending": 3}
 
-    wait_until(lambda: len(spy.received()) >= 3, what="three deploy commands")
-    msgs = spy.received()
+    wait_until(lambda: len(received()) >= 3, what="three deploy commands")
+    msgs = received()
     assert len(msgs) == 3
     commands = [parse_message(m.payload) for m in msgs]
     assert all(isinstance(c, DeployCommand) for c in commands)
@@ -91,8 +95,8 @@ def test_group_deploy_publishes_one_command_per_device(client: TestClient, devic
 
     single = client.post("/api/v1/deployments", json={"bundle": "tiny", "version": 1, "device_id": "dev-a"})
     assert single.status_code == 201
-    wait_until(lambda: len(spy.received()) == 4, what="the single-device command")
-    assert parse_message(spy.received()[-1].payload).seq > seqs[-1]
+    wait_until(lambda: len(received()) == 4, what="the single-device command")
+    assert parse_message(spies["dev-a"].received()[-1].payload).seq > seqs[-1]
 
 
 def test_deploy_refusals_say_what_to_do(client: TestClient, stored: dict) -> None:
@@ -108,7 +112,7 @@ def test_deploy_refusals_say_what_to_do(client: TestClient, stored: dict) -> Non
 def test_status_reports_land_in_history_and_deployment_state(client: TestClient, devices, stored: dict) -> None:
     client.post("/api/v1/devices", json={"id": "dev-a", "groups": ["lab"]})
     dep = client.post("/api/v1/deployments", json={"bundle": "tiny", "version": 1, "device_id": "dev-a"}).json()
-    agent = devices("agent-a")
+    agent = devices("slmops-agent-dev-a")
     topic = str(topics.status("dev-a"))
 
     agent.publish(topic, encode(status("dev-a", dep["id"], UpdateState.DOWNLOADING, seq=5)))
@@ -135,7 +139,7 @@ def test_failed_report_keeps_reason(client: TestClient, devices, stored: dict) -
     client.post("/api/v1/devices", json={"id": "dev-a"})
     dep = client.post("/api/v1/deployments", json={"bundle": "tiny", "version": 1, "device_id": "dev-a"}).json()
     report = status("dev-a", dep["id"], UpdateState.REJECTED, seq=1, error_code="bad_signature", detail="untrusted key")
-    devices("agent-a").publish(str(topics.status("dev-a")), encode(report))
+    devices("slmops-agent-dev-a").publish(str(topics.status("dev-a")), encode(report))
     url = f"/api/v1/deployments/{dep['id']}"
     wait_until(lambda: client.get(url).json()["targets"][0]["state"] == "rejected", what="rejected")
     target = client.get(url).json()["targets"][0]
@@ -144,7 +148,7 @@ def test_failed_report_keeps_reason(client: TestClient, devices, stored: dict) -
 
 def test_malformed_payloads_are_dropped_and_ingest_goes_on(client: TestClient, devices, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="fleet.messaging")
-    peer = devices("peer")
+    peers = {dev: devices(f"slmops-agent-{dev}") for dev in ("dev-x", "dev-y", "dev-ok")}
     deploy = DeployCommand(
         device_id="dev-x",
         deployment_id="d",
@@ -162,8 +166,8 @@ def test_malformed_payloads_are_dropped_and_ingest_goes_on(client: TestClient, d
         ("slmops/v1/devices/dev-x/status/extra", b"{}"),
     ]
     for topic, payload in bad:
-        peer.publish(topic, payload)
-    peer.publish(str(topics.presence("dev-ok")), encode(Presence(device_id="dev-ok", online=True, sent_at=now())))
+        peers[topic.split("/")[3]].publish(topic, payload)  # each from the device whose topic it is
+    peers["dev-ok"].publish(str(topics.presence("dev-ok")), encode(Presence(device_id="dev-ok", online=True, sent_at=now())))
     wait_until(lambda: client.get("/api/v1/devices/dev-ok").status_code == 200, what="the valid presence after bad ones")
 
     assert [d["id"] for d in client.get("/api/v1/devices").json()] == ["dev-ok"]
@@ -190,7 +194,7 @@ def test_telemetry_is_stored(client: TestClient, devices) -> None:
         memory_percent=12.0,
         sent_at=now(),
     )
-    devices("agent-t").publish(str(topics.telemetry("dev-t")), encode(sample))
+    devices("slmops-agent-dev-t").publish(str(topics.telemetry("dev-t")), encode(sample))
     wait_until(lambda: count(client, TelemetrySample) == 1, what="the telemetry sample")
     with client.app.state.fleet.db.sessions() as s:
         row = s.scalars(select(TelemetrySample)).one()
@@ -201,7 +205,7 @@ def test_telemetry_is_stored(client: TestClient, devices) -> None:
 def test_last_will_marks_a_dead_device_offline(client: TestClient, devices) -> None:
     presence = str(topics.presence("dev-w"))
     offline = encode(Presence(device_id="dev-w", online=False, agent_version="0.1", sent_at=now()))
-    agent = devices("agent-w", will=(presence, offline), loop=False)
+    agent = devices("slmops-agent-dev-w", will=(presence, offline), loop=False)
     online = Presence(device_id="dev-w", online=True, agent_version="0.1", active=ActiveModel(name="tiny", version=1), sent_at=now())
     agent.publish(presence, encode(online), retain=True)
     wait_until(lambda: client.get("/api/v1/devices/dev-w").status_code == 200 and client.get("/api/v1/devices/dev-w").json()["online"], what="online")
@@ -218,7 +222,7 @@ def test_last_will_marks_a_dead_device_offline(client: TestClient, devices) -> N
 def test_device_coming_online_gets_its_unfinished_deployment_again(client: TestClient, devices, stored: dict) -> None:
     client.post("/api/v1/devices", json={"id": "dev-r"})
     dep = client.post("/api/v1/deployments", json={"bundle": "tiny", "version": 1, "device_id": "dev-r"}).json()
-    agent = devices("agent-r")
+    agent = devices("slmops-agent-dev-r")
     agent.subscribe(str(topics.cmd("dev-r")))
     agent.publish(str(topics.presence("dev-r")), encode(Presence(device_id="dev-r", online=True, sent_at=now())))
     wait_until(lambda: len(agent.received()) == 1, what="the command sent again")

@@ -61,7 +61,7 @@ def dropped(caplog) -> list[str]:
 @pytest.mark.parametrize("payload", [p for _, p in POISON], ids=[n for n, _ in POISON])
 def test_poison_is_dropped_and_the_next_report_is_stored(client: TestClient, devices, caplog, payload: bytes) -> None:
     caplog.set_level(logging.WARNING, logger="fleet.messaging")
-    peer = devices("peer")
+    peer = devices("slmops-agent-dev-p")
     peer.publish(STATUS, payload)
     peer.publish(STATUS, valid_report(1))
     wait_until(lambda: stored(client) == 1, what="the valid report after the poison")
@@ -74,7 +74,7 @@ def test_poison_is_dropped_and_the_next_report_is_stored(client: TestClient, dev
 
 def test_all_poison_in_a_row_then_reports_still_land(client: TestClient, devices, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="fleet.messaging")
-    peer = devices("peer")
+    peer = devices("slmops-agent-dev-p")
     for _, payload in POISON:
         peer.publish(STATUS, payload)
     peer.publish(STATUS, valid_report(1))
@@ -94,7 +94,7 @@ def test_a_handler_bug_drops_one_message_only(client: TestClient, devices, caplo
         return real(s, msg=msg, now=now)
 
     monkeypatch.setattr(crud, "record_status", buggy)
-    peer = devices("peer")
+    peer = devices("slmops-agent-dev-p")
     peer.publish(STATUS, valid_report(1))
     peer.publish(STATUS, valid_report(2))
     wait_until(lambda: stored(client) == 1, what="the report after the one the bug dropped")

@@ -65,7 +65,7 @@ def test_postgresql_runs_one_insert_that_ignores_a_duplicate() -> None:
 
 
 def test_a_redelivered_sample_over_the_broker_is_stored_once(client: TestClient, devices) -> None:
-    agent = devices("agent-t")
+    agent = devices("slmops-agent-dev-t")
     topic = str(topics.telemetry("dev-t"))
     a, b = telemetry(1), telemetry(2)
     for m in (a, a, b, a):

@@ -32,12 +32,13 @@ def check_story(tmp: Path, model: Path, broker_url: str | None) -> None:
         bundles[v] = tmp / f"triage-{v}.bundle"
         build_bundle(folder, bundles[v], name="triage", version=v, signers=signers, now=now)
 
-    fleet = FleetServer(tmp / "fleet", broker_url=broker_url, trusted_keys=(pub,)).start()
+    fleet = FleetServer(tmp / "fleet", broker_url=broker_url, trust_dir=trust).start()
     client = FleetClient(fleet.url, token=fleet.admin_token)
     agents: list[AgentProcess] = []
     try:
         for d in DEVICES:  # each device enrols with its own one-time token: its own broker secret and API token
-            agents.append(AgentProcess(d, tmp / d, fleet.broker_url, pub, tmp / f"{d}.log", identity=client.enrol(d, ["demo"])))
+            agents.append(AgentProcess(d, tmp / d, fleet.broker_url, trust / "root.json", fleet.url, tmp / f"{d}.log",
+                                       identity=client.enrol(d, ["demo"])))
         for a in agents:
             a.start()
         for a in agents:

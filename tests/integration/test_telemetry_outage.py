@@ -29,7 +29,7 @@ from fleet.db import open_database
 from fleet.messaging import FleetMessaging
 from fleet.models import TelemetrySample
 from fleet.settings import Settings
-from tests.net import MOSQUITTO, free_port, wait_port
+from tests.net import FLEET_PASSWORD, MOSQUITTO, device_password, embedded_broker, free_port, wait_port
 from tests.trustkit import ORIGIN, TrustKit
 
 pytestmark = pytest.mark.integration
@@ -64,7 +64,7 @@ class RestartableBroker:
                                           stderr=subprocess.DEVNULL)
             wait_port(self.port)
         else:
-            self._amqtt = EmbeddedBroker("127.0.0.1", self.port).start()
+            self._amqtt = embedded_broker(self.port).start()
 
     def stop(self) -> None:
         if self._proc is not None:
@@ -160,7 +160,8 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str,
 def test_no_sample_is_lost_or_stored_twice_across_a_one_minute_outage(tmp_path: Path, broker, monkeypatch,
                                                                       caplog) -> None:
     caplog.set_level(logging.INFO, logger="slmops.agent.outbox")
-    settings = Settings(data_dir=tmp_path / "fleet", broker_url=broker.url, client_id="fleet-outage",
+    settings = Settings(data_dir=tmp_path / "fleet", broker_url=broker.url, client_id="slmops-fleet-outage",
+                        broker_password=FLEET_PASSWORD,
                         reconnect_max_s=FLEET_RECONNECT_MAX_S)
     db = open_database(settings.database_url)
     fleet = FleetMessaging(settings, db.sessions)
@@ -179,6 +180,7 @@ def test_no_sample_is_lost_or_stored_twice_across_a_one_minute_outage(tmp_path: 
     root = TrustKit().write_root(tmp_path / "root.json")
     gate = Gate(broker.port) if broker.kind == "amqtt" else None
     agent = Agent(AgentConfig(device_id="dev-out", data_dir=tmp_path / "agent",
+                              broker_username="dev-out", broker_password=device_password("dev-out"),
                               broker_url=f"mqtt://127.0.0.1:{gate.port}" if gate else broker.url,
                               trust_root=root, bundle_origins=(ORIGIN,), api_port=0, telemetry_interval_s=1.0,
                               reconnect_max_s=AGENT_RECONNECT_MAX_S))
