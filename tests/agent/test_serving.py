@@ -22,8 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.store import ModelRef, Store
-from protocol.trust import generate_keypair
 from tests.net import free_port
+from tests.trustkit import ORIGIN, TrustKit
 
 pytestmark = pytest.mark.integration
 LONG = {"messages": [{"role": "user", "content": "gw-3 battery=4% status=LOW"}], "max_tokens": 3000}
@@ -40,13 +40,13 @@ class Server:
         shutil.copytree(folder, tmp / "model")
         store.install(tmp / "model", ModelRef(name, 1))
         store.switch(ModelRef(name, 1))
-        (tmp / "fleet.pub").write_bytes(generate_keypair().public.to_pem())
+        root = TrustKit().write_root(tmp / "root.json")
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.headers = {"authorization": f"Bearer {KEY}"} if "--api-key" in args else {}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "slmops.cli", "agent", "run", "--device-id", "serve-1", "--data-dir", str(data),
-             "--trusted-key", str(tmp / "fleet.pub"), "--broker", f"mqtt://127.0.0.1:{free_port()}",
+             "--trust-root", str(root), "--bundle-origin", ORIGIN, "--broker", f"mqtt://127.0.0.1:{free_port()}",
              "--api-port", str(port), "--telemetry-interval", "3600", "--log-level", "WARNING", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60

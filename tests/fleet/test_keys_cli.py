@@ -173,7 +173,7 @@ def test_fleet_serves_a_rotation_and_signs_under_it_without_a_restart(trusted_cl
     assert trusted_client.post("/api/v1/bundles", content=unsigned.read_bytes()).status_code == 422  # not bundle keys
     assert trusted_client.post("/api/v1/bundles", content=bundle.read_bytes()).status_code == 201
     assert trusted_client.post("/api/v1/devices", json={"id": "dev-a", "groups": ["lab"]}).status_code == 201
-    spy = devices("spy")
+    spy = devices("slmops-agent-dev-a")  # dev-a itself: only it may read its commands
     spy.subscribe(str(topics.cmd("dev-a")))
     keys("rotate", trust, "--role", "commands")
     assert trusted_client.get("/api/v1/trust/root/2.json").content == roots(trust)[2]
