@@ -21,10 +21,9 @@ from agent.config import AgentConfig
 from agent.enrol import Identity, enrol, identity_path, load_identity, resolve, save_identity
 from fleet.api.app import create_app
 from fleet.auth import DbAuthenticator
-from fleet.broker import EmbeddedBroker
 from protocol.errors import ConfigError
 from tests.fleet.conftest import ADMIN, BROKER_PASSWORD, secure_settings
-from tests.net import free_port, wait_port
+from tests.net import embedded_broker, free_port, wait_port
 
 runner = CliRunner()
 IDENTITY = Identity(
@@ -35,9 +34,10 @@ IDENTITY = Identity(
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[tuple[str, object]]:
-    with EmbeddedBroker("127.0.0.1", free_port()) as broker:
+    with embedded_broker() as broker:
         port = free_port()
-        settings = secure_settings(tmp_path / "fleet", broker_url=broker.url, public_url=f"http://127.0.0.1:{port}")
+        settings = secure_settings(tmp_path / "fleet", broker_url=broker.url, public_url=f"http://127.0.0.1:{port}",
+                                   client_id="slmops-fleet-enrol")
         fleet_app = create_app(settings)
         server = uvicorn.Server(uvicorn.Config(fleet_app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
