@@ -36,6 +36,7 @@ from ..db import Database
 from ..errors import UnauthenticatedError
 from ..messaging import FleetMessaging
 from ..settings import Settings
+from ..trust import trust_for
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,12 @@ class Fleet:
     keyring: Keyring | None  # None: uploads need a signature, but from any key
     limiter: FailureLimiter
     accounts: BrokerAccounts | None = None  # the broker's account list, where it keeps one (mosquitto dynsec)
+
+    def upload_keyring(self) -> Keyring | None:
+        """The keys an upload must be signed by now: with a trust folder, its current root's bundles role (so a
+        rotation or revocation applies at once, without a restart); else the trusted keys read at start."""
+        trust = trust_for(self.settings)
+        return trust.upload_keyring() if trust is not None else self.keyring
 
 
 def get_fleet(request: Request) -> Fleet:

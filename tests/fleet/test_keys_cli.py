@@ -186,3 +186,14 @@ def test_fleet_serves_a_rotation_and_signs_under_it_without_a_restart(trusted_cl
     verify_message(cmd, device.keyring("commands"))
     with pytest.raises(SignatureError):
         verify_message(cmd, load_trusted_root(roots(trust)[1]).keyring("commands"))  # not the old command key
+
+    # a bundle key revoked while the fleet runs stops counting for uploads at once
+    first, *others = private(trust, "bundles-*.key")
+    keys("revoke", trust, first.keyid)
+    late = tmp_path / "late.bundle"
+    build_bundle(model_dir, late, name="tiny", version=3, signers=[first, others[0]], now=NOW)
+    refused = trusted_client.post("/api/v1/bundles", content=late.read_bytes())
+    assert refused.status_code == 422 and refused.json()["code"] == "bad_signature"
+    assert trusted_client.get("/api/v1/bundles/tiny/3").status_code == 404  # nothing stored
+    build_bundle(model_dir, late, name="tiny", version=3, signers=others[:2], now=NOW)
+    assert trusted_client.post("/api/v1/bundles", content=late.read_bytes()).status_code == 201

@@ -57,7 +57,7 @@ async def upload_bundle(request: Request, fleet: FleetDep, response: Response, c
 def _ingest(fleet: Fleet, upload: Upload, actor: str) -> tuple[BundleSummary, bool]:
     now = datetime.now(timezone.utc)
     upload.finish()
-    manifest = verify_bundle(upload.path, fleet.keyring, now=now)
+    manifest = verify_bundle(upload.path, fleet.upload_keyring(), now=now)
     keyids = signer_keyids(read_bundle_envelope(upload.path))
     name, version = manifest.name, manifest.version
     with fleet.db.sessions() as s, s.begin():
