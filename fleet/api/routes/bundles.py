@@ -108,7 +108,7 @@ def get_bundle(name: str, version: int, s: SessionDep, _caller: Reader) -> Bundl
     return BundleDetail.full(_bundle(s, name, version))
 
 
-@router.api_route("/{name}/{version}/file", methods=["GET", "HEAD"], response_class=FileResponse)
+@router.get("/{name}/{version}/file", response_class=FileResponse)
 def download_bundle(name: str, version: int, s: SessionDep, fleet: FleetDep, caller: Downloader) -> FileResponse:
     """The bundle file; `Range: bytes=a-b` gets 206 with those bytes, and the ETag is the file's sha256."""
     check_name(name)
@@ -127,6 +127,11 @@ def download_bundle(name: str, version: int, s: SessionDep, fleet: FleetDep, cal
         filename=f"{name}-{version}.bundle",
         headers={"ETag": f'"{bundle.sha256}"'},
     )
+
+
+router.add_api_route(  # the same handler for HEAD (size and ETag without the bytes), under its own operation id
+    "/{name}/{version}/file", download_bundle, methods=["HEAD"], response_class=FileResponse, operation_id="head_bundle_file"
+)
 
 
 def _bundle(s: SessionDep, name: str, version: int) -> Bundle:
