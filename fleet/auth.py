@@ -335,6 +335,7 @@ def revoke_device(s: Session, *, device_id: str, actor: str, now: datetime) -> D
     if device.revoked_at is None:
         device.revoked_at = now
     device.broker_secret_hash = None
+    device.online = False  # its broker session is dropped (mosquitto sends no last will for a deleted client)
     revoked = _revoke_device_tokens(s, device_id=device_id, now=now)
     audit(s, actor=actor, action="device.revoked", target=f"device:{device_id}", detail=f"api_tokens_revoked={revoked}", now=now)
     return device

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from protocol.messages import BundleRef, DeployCommand, UpdateState
 
 from . import crud
-from .errors import NotFoundError
+from .errors import DeviceRevokedError, NotFoundError
 from .models import Bundle, Deployment
 from .settings import Settings
 from .trust import trust_for
@@ -46,14 +46,19 @@ def plan_deployment(
     if bundle is None:
         raise NotFoundError(f"bundle {bundle_name} v{version} is not stored; upload it first (POST /api/v1/bundles)")
     if device_id is not None:
-        if crud.get_device(s, device_id=device_id) is None:
+        device = crud.get_device(s, device_id=device_id)
+        if device is None:
             raise NotFoundError(f"device {device_id!r} is not registered; register it (POST /api/v1/devices) or start its agent")
+        if device.revoked_at is not None:
+            raise DeviceRevokedError(f"device {device_id!r} is revoked; reinstate it and enrol it again before deploying to it")
         kind, value, device_ids = "device", device_id, [device_id]
     else:
         assert group is not None
-        device_ids = [d.id for d in crud.list_devices(s, group=group)]
+        members = crud.list_devices(s, group=group)
+        device_ids = [d.id for d in members if d.revoked_at is None]  # a revoked device gets no commands
         if not device_ids:
-            raise NotFoundError(f"group {group!r} has no devices; register devices with that group (POST /api/v1/devices)")
+            what = "only revoked devices" if members else "no devices"
+            raise NotFoundError(f"group {group!r} has {what}; register devices with that group (POST /api/v1/devices) or reinstate them")
         kind, value = "group", group
     deployment = crud.create_deployment(
         s,
@@ -77,6 +82,8 @@ def commands_to_resend(s: Session, *, settings: Settings, device_id: str, now: d
         return []
     deployment = target.deployment
     device = crud.get_device(s, device_id=device_id)
+    if device is not None and device.revoked_at is not None:
+        return []  # revoked: it cannot read commands anyway, and must not be sent any
     if device is not None and (device.active_name, device.active_version) == (
         deployment.bundle_name,
         deployment.bundle_version,

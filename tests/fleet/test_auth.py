@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from fleet.api.app import DEMO_SECRETS_FILE, create_app
 from fleet.auth import DbAuthenticator, FailureLimiter, hash_secret
-from fleet.models import ApiToken, AuditEntry, Base, Device, EnrolmentToken
+from fleet.models import ApiToken, AuditEntry, Base, Command, Deployment, Device, EnrolmentToken
 from fleet.settings import EXAMPLE_SECRETS, Settings
 from protocol.errors import ConfigError
 
@@ -475,6 +475,23 @@ def test_revocation_locks_a_device_out_until_reinstated(enrol_client: TestClient
     assert auth.authenticate("pump-1", ident["broker_password"]) is None  # the old secret stays dead
     assert auth.authenticate("pump-1", fresh.json()["broker_password"]) is not None
     assert c.post("/api/v1/devices/nope/revoke").status_code == 404
+
+
+def test_a_revoked_device_is_left_out_of_deployments(enrol_client: TestClient, make_bundle) -> None:
+    c = enrol_client
+    for dev in ("pump-1", "pump-2"):
+        assert c.post("/api/v1/enrol", json={"token": enrolment_token(c), "device_id": dev}).status_code == 201
+    assert c.post("/api/v1/bundles", content=make_bundle("tiny", 1).read_bytes()).status_code == 201
+    assert c.post("/api/v1/devices/pump-2/revoke").status_code == 200
+    assert c.get("/api/v1/devices/pump-2").json()["online"] is False
+    direct = c.post("/api/v1/deployments", json={"bundle": "tiny", "version": 1, "device_id": "pump-2"})
+    assert direct.status_code == 403 and direct.json()["code"] == "device_revoked"
+    with c.app.state.fleet.db.sessions() as s:  # nothing planned, no command recorded
+        assert s.scalar(select(func.count()).select_from(Deployment)) == 0
+        assert s.scalar(select(func.count()).select_from(Command)) == 0
+    group = c.post("/api/v1/deployments", json={"bundle": "tiny", "version": 1, "group": "lab"})
+    assert group.status_code == 201, group.text
+    assert [t["device_id"] for t in group.json()["targets"]] == ["pump-1"]
 
 
 def test_reenrolment_replaces_the_old_credentials(enrol_client: TestClient) -> None:
