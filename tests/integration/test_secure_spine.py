@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,28 +32,13 @@ from fleet import pki
 from fleet.bundles import build_bundle
 from fleet.tls import client_context
 from fleet.trust import init_trust
-from mqttlink import ClientOptions, make_client
 from protocol.trust import PrivateKey
-from slmops.story import AgentProcess, FleetClient, FleetServer, ask, free_port
-from tests.net import MOSQUITTO, wait_port
+from slmops.story import AgentProcess, FleetClient, FleetServer, ask
+from tests.integration.dynsec import DynsecMosquitto, missing
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy" / "mosquitto"
-DYNSEC_SO = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
-CTRL = shutil.which("mosquitto_ctrl")
 KEPT, REVOKED = "secure-1", "secure-2"
 GROUP = "secure"
-
-
-def _missing() -> str | None:
-    if MOSQUITTO is None:
-        return "mosquitto is not installed (apt-get install mosquitto)"
-    if CTRL is None:
-        return "mosquitto_ctrl is not installed (apt-get install mosquitto-clients)"
-    if not DYNSEC_SO.exists():
-        return f"mosquitto's dynamic-security plugin is not at {DYNSEC_SO}"
-    return None
 
 
 def wait_for(predicate, what: str, timeout: float = 20.0) -> None:  # noqa: ANN001
@@ -64,74 +47,6 @@ def wait_for(predicate, what: str, timeout: float = 20.0) -> None:  # noqa: ANN0
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.2)
-
-
-class Mosquitto:
-    """deploy/mosquitto/dynsec.conf on a loopback port, TLS only, set up with deploy/mosquitto/dynsec-init.sh."""
-
-    def __init__(self, tmp: Path, ca: Path, server: pki.IssuedFiles) -> None:
-        self.port, self.ca = free_port(), ca
-        self.admin_password, self.fleet_password = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        env = {**os.environ, "SLMOPS_DYNSEC_ADMIN_PASSWORD": self.admin_password,
-               "SLMOPS_FLEET_BROKER_PASSWORD": self.fleet_password, "SLMOPS_DYNSEC_CTRL_OPTS": f"--cafile {ca}"}
-        script = str(DEPLOY / "dynsec-init.sh")
-        subprocess.run(["sh", script, "file", str(tmp / "dynsec.json")], env=env, check=True, capture_output=True)
-        text = (DEPLOY / "dynsec.conf").read_text()
-        for old, new in {
-            "listener 1883\n": f"listener {self.port} 127.0.0.1\ncertfile {server.cert_file}\nkeyfile {server.key_file}\n",
-            "/var/lib/mosquitto/dynamic-security.json": str(tmp / "dynsec.json"),
-            "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so": str(DYNSEC_SO),
-            "persistence true": "persistence false",
-        }.items():
-            assert old in text, f"dynsec.conf no longer says {old!r}"
-            text = text.replace(old, new)
-        conf = tmp / "mosquitto.conf"
-        conf.write_text(text + ("user root\n" if os.geteuid() == 0 else ""))
-        self.log = (tmp / "mosquitto.log").open("wb")
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_port(self.port)
-            subprocess.run(["sh", script, "roles", "127.0.0.1", str(self.port)], env=env, check=True, capture_output=True)
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def url(self) -> str:
-        return f"mqtt5s://127.0.0.1:{self.port}"
-
-    def get_client(self, username: str) -> dict:
-        """mosquitto's own answer to getClient, asked as the dynamic-security admin."""
-        from fleet.dynsec import DynsecAccounts
-
-        admin = DynsecAccounts(ClientOptions(self.url, f"slmops-test-admin-{secrets.token_hex(4)}", username="admin",
-                                             password=self.admin_password, ca_file=self.ca))
-        try:
-            return admin.run([{"command": "getClient", "username": username}], may_be_missing={"getClient"})[0]
-        finally:
-            admin.close()
-
-    def login(self, identity: dict) -> str:
-        """Try the device's own credentials over TLS; the CONNACK's reason (or 'no CONNACK')."""
-        opts = ClientOptions(self.url, f"slmops-agent-{identity['device_id']}", username=identity["broker_username"],
-                             password=identity["broker_password"], ca_file=self.ca)
-        got: list[str] = []
-        done = threading.Event()
-        client = make_client(opts)
-        client.on_connect = lambda _c, _u, _f, reason, _p=None: (got.append(str(reason)), done.set())
-        client.connect(opts.address.host, opts.address.port, 30)
-        client.loop_start()
-        try:
-            done.wait(10)
-        finally:
-            client.disconnect()
-            client.loop_stop()
-        return got[0] if got else "no CONNACK"
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        self.log.close()
 
 
 def enrol_with_the_cli(fleet: FleetServer, client: FleetClient, ca: Path, cert: pki.IssuedFiles, data_dir: Path,
@@ -153,7 +68,7 @@ def enrol_with_the_cli(fleet: FleetServer, client: FleetClient, ca: Path, cert: 
     return {k: getattr(identity, k) for k in identity.__dataclass_fields__}
 
 
-@pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+@pytest.mark.skipif(missing() is not None, reason=missing() or "")
 def test_secure_spine_enrol_deploy_revoke(tmp_path: Path, tiny_int4) -> None:  # noqa: ANN001
     now = datetime.now(timezone.utc)
     ca_dir = tmp_path / "ca"
@@ -170,8 +85,7 @@ def test_secure_spine_enrol_deploy_revoke(tmp_path: Path, tiny_int4) -> None:  #
         bundles[v] = tmp_path / f"triage-{v}.bundle"
         build_bundle(Path(tiny_int4), bundles[v], name="triage", version=v, signers=signers, now=now)
 
-    (tmp_path / "mosquitto").mkdir()
-    broker = Mosquitto(tmp_path / "mosquitto", ca, server)
+    broker = DynsecMosquitto(tmp_path / "mosquitto", tls=(ca, server))
     admin_token = "slm_" + secrets.token_urlsafe(32)
     fleet = FleetServer(
         tmp_path / "fleet", broker_url=broker.url, trust_dir=trust, admin_token=admin_token,
