@@ -24,6 +24,9 @@ def run(
     broker_ca: Path | None = typer.Option(None, "--broker-ca", help="PEM CA file the broker's TLS certificate must chain to (default: the system store)."),
     broker_cert: Path | None = typer.Option(None, "--broker-cert", help="PEM client certificate for a broker that asks for one (mutual TLS)."),
     broker_key: Path | None = typer.Option(None, "--broker-key", help="PEM private key of --broker-cert (unless it is in the same file)."),
+    fleet_ca: Path | None = typer.Option(None, "--fleet-ca", envvar="SLMOPS_AGENT_FLEET_CA_FILE", help="PEM CA the fleet's HTTPS certificate must chain to, for bundle and root downloads (default: the system store)."),
+    fleet_cert: Path | None = typer.Option(None, "--fleet-cert", envvar="SLMOPS_AGENT_FLEET_CERT_FILE", help="PEM client certificate for a fleet that asks for one (mutual TLS)."),
+    fleet_key: Path | None = typer.Option(None, "--fleet-key", envvar="SLMOPS_AGENT_FLEET_KEY_FILE", help="PEM private key of --fleet-cert (unless it is in the same file)."),
     trust_root: Path | None = typer.Option(None, "--trust-root", help="The fleet's root.json (from 'slmops keys init'): the keys bundles and commands must be signed by. Required on the first start."),
     bundle_origin: list[str] = typer.Option([], "--bundle-origin", help="The fleet's public URL (http(s)://host:port); bundles are downloaded only from there. Default: the enrolled identity's fleet URL; repeat for several."),
     api_host: str = typer.Option("127.0.0.1", help="Local API address; keep it on loopback so prompts stay on the device."),
@@ -66,6 +69,9 @@ def run(
             data_dir=data_dir,
             broker_url=creds.broker_url,
             fleet_token=creds.fleet_token,
+            fleet_ca_file=fleet_ca,
+            fleet_cert_file=fleet_cert,
+            fleet_key_file=fleet_key,
             trust_root=trust_root,
             bundle_origins=tuple(bundle_origin) or creds.bundle_origins,
             api_host=api_host,
@@ -109,17 +115,21 @@ def enrol(
     device_id: str = typer.Option(..., "--device-id", help="This device's id."),
     data_dir: Path = typer.Option(Path("./agent-data"), help="The agent's data folder; the identity goes to state/identity.json."),
     force: bool = typer.Option(False, "--force", help="Replace an identity this device already has."),
+    fleet_ca: Path | None = typer.Option(None, "--fleet-ca", envvar="SLMOPS_AGENT_FLEET_CA_FILE", help="PEM CA the fleet's HTTPS certificate must chain to (default: the system store); give it to 'agent run' too."),
+    fleet_cert: Path | None = typer.Option(None, "--fleet-cert", envvar="SLMOPS_AGENT_FLEET_CERT_FILE", help="PEM client certificate for a mutual-TLS fleet."),
+    fleet_key: Path | None = typer.Option(None, "--fleet-key", envvar="SLMOPS_AGENT_FLEET_KEY_FILE", help="PEM private key of --fleet-cert."),
 ) -> None:
     """Enrol this device: trade a one-time token for its own broker credentials and fleet API token."""
     from protocol.errors import ConfigError, SlmopsError
 
+    from .config import fleet_tls
     from .enrol import enrol as do_enrol
     from .enrol import identity_path, save_identity
 
     try:
         if identity_path(data_dir).exists() and not force:
             raise ConfigError(f"{identity_path(data_dir)} exists: this device is enrolled; pass --force to enrol again")
-        identity = do_enrol(fleet, token, device_id)
+        identity = do_enrol(fleet, token, device_id, verify=fleet_tls(fleet_ca, fleet_cert, fleet_key))
         path = save_identity(data_dir, identity)
     except SlmopsError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)

@@ -1,11 +1,13 @@
 """The agent's settings in one dataclass, with the unit of every limit beside it.
 
 Workflow: `slmops agent run` builds an `AgentConfig` from its flags (or a test builds one directly); every other
-agent module receives the parts it needs and reads nothing from the environment itself.
+agent module receives the parts it needs and reads nothing from the environment itself. `fleet_tls(...)` turns the
+fleet TLS files into what the agent's HTTP client verifies the fleet with (bundle downloads, root fetches, enrolment).
 """
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -99,6 +101,9 @@ class AgentConfig:
     limits: Limits = field(default_factory=Limits)
     serving: Serving = field(default_factory=Serving)
     fleet_token: str | None = field(default=None, repr=False)  # Authorization: Bearer for bundle downloads
+    fleet_ca_file: Path | None = None  # PEM CA the fleet's HTTPS certificate must chain to; None: the system store
+    fleet_cert_file: Path | None = None  # PEM client certificate for a mutual-TLS fleet (bundle and root downloads)
+    fleet_key_file: Path | None = None  # its private key (PEM), unless it is in fleet_cert_file
 
     def __post_init__(self) -> None:
         check_device_id(self.device_id)
@@ -113,8 +118,42 @@ class AgentConfig:
         object.__setattr__(self, "bundle_origins", tuple(self.bundle_origins))
         for origin in self.bundle_origins:
             parse_origin(origin)
+        for name in ("fleet_ca_file", "fleet_cert_file", "fleet_key_file"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        check_fleet_tls(self.fleet_ca_file, self.fleet_cert_file, self.fleet_key_file)
         if self.api_host not in LOOPBACK_HOSTS and not self.serving.api_key:
             raise ConfigError(
                 f"the local API would listen on {self.api_host}, beyond this device: set an API key "
                 "(--api-key or SLMOPS_AGENT_API_KEY) so that only your applications can use the model"
             )
+
+
+def check_fleet_tls(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> None:
+    """Refuse a key without its certificate and files that are not there (ConfigError, naming the option)."""
+    if key_file is not None and cert_file is None:
+        raise ConfigError("--fleet-key was given without --fleet-cert: give the client certificate too")
+    for opt, path in (("--fleet-ca", ca_file), ("--fleet-cert", cert_file), ("--fleet-key", key_file)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{opt} {str(path)[:200]} does not exist or is not a file")
+
+
+def fleet_tls(ca_file: Path | None = None, cert_file: Path | None = None, key_file: Path | None = None
+              ) -> ssl.SSLContext | bool:
+    """What the agent's HTTP client verifies the fleet with: True (the system store) when nothing is given, else a
+    TLS 1.2+ context that trusts `ca_file` (or the system store) and checks the host name, presenting `cert_file`
+    when the fleet asks for a client certificate (mutual TLS)."""
+    check_fleet_tls(ca_file, cert_file, key_file)
+    if ca_file is None and cert_file is None:
+        return True
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)  # only this CA, when given
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"cannot use --fleet-ca {str(ca_file)[:200]}: {str(exc)[:120]}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if cert_file is not None:
+            ctx.load_cert_chain(str(cert_file), keyfile=str(key_file) if key_file else None)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"cannot use --fleet-cert {str(cert_file)[:200]} / --fleet-key: {str(exc)[:120]}") from exc
+    return ctx

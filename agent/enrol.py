@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,17 +63,22 @@ class Identity:
         return cls(**{n: doc[n] for n in names})
 
 
-def enrol(fleet_url: str, token: str, device_id: str, *, client: httpx.Client | None = None) -> Identity:
-    """Trade a one-time enrolment token for this device's identity."""
+def enrol(fleet_url: str, token: str, device_id: str, *, client: httpx.Client | None = None,
+          verify: ssl.SSLContext | bool = True) -> Identity:
+    """Trade a one-time enrolment token for this device's identity. `verify`: how the fleet's HTTPS certificate is
+    checked (`agent.config.fleet_tls`: the project CA, and a client certificate for a mutual-TLS fleet); the CA and
+    certificate paths are not stored in the identity, `agent run` takes them again."""
     check_device_id(device_id)
     own = client is None
-    http = client or httpx.Client(timeout=ENROL_TIMEOUT_S)
+    http = client or httpx.Client(timeout=ENROL_TIMEOUT_S, verify=verify)
     url = fleet_url.rstrip("/") + "/api/v1/enrol"
     try:
         r = http.post(url, json={"token": token, "device_id": device_id})
         body = r.content[: MAX_IDENTITY_BYTES + 1]
     except httpx.HTTPError as exc:
-        raise TransportError(f"cannot reach the fleet at {clip(fleet_url, 200)}: {exc.__class__.__name__}; check --fleet") from exc
+        tls = "CERTIFICATE" in str(exc).upper()
+        hint = "check --fleet-ca (the CA that issued the fleet's certificate)" if tls else "check --fleet"
+        raise TransportError(f"cannot reach the fleet at {clip(fleet_url, 200)}: {exc.__class__.__name__}; {hint}") from exc
     finally:
         if own:
             http.close()

@@ -41,7 +41,7 @@ from protocol.messages import (
 from . import __version__, telemetry
 from .api import create_app
 from .commands import CommandGate, RootFetcher
-from .config import AgentConfig
+from .config import AgentConfig, fleet_tls
 from .link import Link
 from .metrics import Metrics
 from .outbox import Outbox
@@ -61,7 +61,8 @@ class Agent:
         self.scheduler = Scheduler(config.serving, self.metrics)
         self.on_report = on_report
         token = {"Authorization": f"Bearer {config.fleet_token}"} if config.fleet_token else None
-        self.http = httpx.Client(follow_redirects=True, headers=token)  # httpx drops the header on cross-origin redirects
+        verify = fleet_tls(config.fleet_ca_file, config.fleet_cert_file, config.fleet_key_file)  # bundles and roots
+        self.http = httpx.Client(follow_redirects=True, headers=token, verify=verify)  # httpx drops the header on cross-origin redirects
         self.commands: queue.Queue[DeployCommand | CancelCommand | None] = queue.Queue()
         assert config.trust_root is not None  # AgentConfig requires it
         self.gate = CommandGate(

@@ -1,6 +1,7 @@
 """The embedded MQTT 3.1.1 broker (amqtt) for a fleet that has no broker of its own, with every client identified.
 
-Workflow: `EmbeddedBroker(host, port, authenticator=..., tls=...).start()` runs amqtt on its own asyncio loop in a
+Workflow: `EmbeddedBroker(host, port, authenticator=..., tls=...).start()` (`tls=listener_tls(settings)`: TLS
+only, with the certificate `embedded_broker_tls_cert_file`) runs amqtt on its own asyncio loop in a
 daemon thread and returns once amqtt's listener is bound (or raises ConfigError when it cannot bind); `stop()` shuts
 it down and joins the thread. It is also a context manager. `accounts` (an `EmbeddedAccounts`, a
 `fleet.acl.BrokerAccounts`) is how enrolment and revocation reach it: `remove_device` drops a revoked device's live
@@ -34,6 +35,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Mapping
@@ -215,11 +217,33 @@ class _Broker(Broker):
 @dataclass(frozen=True)
 class ListenerTls:
     """TLS on the embedded broker's listener: its certificate and key (PEM); clients that present a certificate
-    must chain to `ca_file` when one is given (amqtt asks for client certificates but does not require them)."""
+    must chain to `ca_file` when one is given (amqtt asks for client certificates but does not require them).
+    With TLS on, the listener speaks nothing else: a plain-TCP client gets no CONNACK. Clients still log in with
+    a user name and password; TLS keeps those (and every command) from being read or changed on the way."""
 
     cert_file: Path
     key_file: Path
     ca_file: Path | None = None
+
+    def check(self) -> None:
+        """Raise ConfigError, naming the file, unless the certificate, its key (and the CA) load."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
+            if self.ca_file is not None:
+                ctx.load_verify_locations(str(self.ca_file))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"embedded broker TLS file {clip(str(exc.filename), 200)} does not exist; "
+                              "make the broker's certificate with 'slmops ca server'") from exc
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"cannot use the embedded broker's TLS certificate {clip(str(self.cert_file), 200)} "
+                              f"with key {clip(str(self.key_file), 200)}: {one_line(exc)}") from exc
+
+
+def listener_tls(settings: Any) -> ListenerTls | None:
+    """The embedded broker's TLS from `fleet.settings.Settings` (`embedded_broker_tls_*`), or None when off."""
+    cert, key = settings.embedded_broker_tls_cert_file, settings.embedded_broker_tls_key_file
+    return ListenerTls(cert, key) if cert is not None and key is not None else None
 
 
 def broker_config(host: str, port: int, gate: _Gate, tls: ListenerTls | None = None) -> dict[str, object]:
@@ -260,6 +284,8 @@ class EmbeddedBroker:
     def start(self) -> "EmbeddedBroker":
         if self._thread is not None:
             return self
+        if self.tls is not None:
+            self.tls.check()  # a bad file is a configuration error, not a port to free
         self._thread = threading.Thread(target=self._run, name=f"amqtt-{self.port}", daemon=True)
         self._thread.start()
         if not self._ready.wait(START_TIMEOUT_S) or self._error is not None:

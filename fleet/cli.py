@@ -1,6 +1,7 @@
 """The fleet's command line: two Typer apps that `slmops` mounts (keys live in fleet/keys_cli.py).
 
-    app          serve | devices | deploy | upload     run a fleet, or drive a running one over HTTP (--url, --token)
+    app          serve | devices | deploy | upload     run a fleet, or drive a running one over HTTP (--url, --token;
+                                                       --ca, --cert, --key for an https or mutual-TLS fleet)
                  revoke | reinstate | audit            devices' identities and the audit log (admin token)
                  token create|list|revoke              API tokens (admin token)
                  enrol-token create|list               one-time enrolment tokens for devices (admin token)
@@ -44,6 +45,21 @@ TokenOpt = Annotated[
     Optional[str],
     typer.Option("--token", envvar="SLMOPS_FLEET_TOKEN", show_default=False, help="API token for the fleet (env SLMOPS_FLEET_TOKEN)"),
 ]
+CaOpt = Annotated[
+    Optional[Path],
+    typer.Option("--ca", envvar="SLMOPS_FLEET_CA_FILE", show_default=False,
+                 help="PEM CA the fleet's HTTPS certificate must chain to (env SLMOPS_FLEET_CA_FILE; default: system store)"),
+]
+CertOpt = Annotated[
+    Optional[Path],
+    typer.Option("--cert", envvar="SLMOPS_FLEET_CERT_FILE", show_default=False,
+                 help="PEM client certificate for a mutual-TLS fleet (env SLMOPS_FLEET_CERT_FILE)"),
+]
+KeyOpt = Annotated[
+    Optional[Path],
+    typer.Option("--key", envvar="SLMOPS_FLEET_KEY_FILE", show_default=False,
+                 help="PEM private key of --cert, unless it is in the same file (env SLMOPS_FLEET_KEY_FILE)"),
+]
 token_app = typer.Typer(help="API tokens of a running fleet (needs an admin token).", no_args_is_help=True)
 enrol_token_app = typer.Typer(help="One-time enrolment tokens for devices (needs an admin token).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
@@ -76,6 +92,13 @@ def serve(
     broker_ca: Annotated[Optional[Path], typer.Option(help="PEM CA the broker's TLS certificate must chain to (mqtts://; default: system store)")] = None,
     broker_cert: Annotated[Optional[Path], typer.Option(help="PEM client certificate for a broker that asks for one")] = None,
     broker_key: Annotated[Optional[Path], typer.Option(help="PEM private key of --broker-cert")] = None,
+    broker_tls_cert: Annotated[Optional[Path], typer.Option(
+        "--embedded-broker-tls-cert", help="PEM certificate: the embedded broker listens with TLS only (mqtts://; "
+                                           "give --broker-ca, the CA that issued it, for the fleet's own client)")] = None,
+    broker_tls_key: Annotated[Optional[Path], typer.Option(
+        "--embedded-broker-tls-key", help="PEM private key of --embedded-broker-tls-cert")] = None,
+    public_broker_url: Annotated[Optional[str], typer.Option(
+        help="broker URL enrolment gives devices (default: the one the fleet uses)")] = None,
     broker_admin_username: Annotated[Optional[str], typer.Option(help="mosquitto dynamic-security admin that enrols and revokes devices (password: env SLMOPS_FLEET_BROKER_ADMIN_PASSWORD)")] = None,
     trusted_key: Annotated[Optional[list[Path]], typer.Option(help=".pub file uploads must be signed by")] = None,
     tls_cert: Annotated[Optional[Path], typer.Option(help="PEM server certificate: serve HTTPS (slmops ca server)")] = None,
@@ -113,6 +136,9 @@ def serve(
             "broker_cert_file": broker_cert,
             "broker_key_file": broker_key,
             "broker_admin_username": broker_admin_username,
+            "embedded_broker_tls_cert_file": broker_tls_cert,
+            "embedded_broker_tls_key_file": broker_tls_key,
+            "public_broker_url": public_broker_url,
             "trusted_keys": trusted_key or None,
             "tls_cert_file": tls_cert,
             "tls_key_file": tls_key,
@@ -125,13 +151,17 @@ def serve(
         except ValidationError as exc:
             raise ConfigError(f"bad fleet setting: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from exc
         config = uvicorn_config(create_app(settings), settings, log_level="info")  # checks the TLS files first
+        from .broker import listener_tls
+
+        if (broker_tls := listener_tls(settings)) is not None:
+            broker_tls.check()  # and the embedded broker's, before anything listens
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         for noisy in ("amqtt", "transitions"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         kind = "external" if settings.broker_url else "embedded"
         mtls = " with client certificates" if settings.tls_client_ca_file else ""
         out.print(f"fleet listening on {settings.scheme}://{settings.host}:{settings.port}{mtls} (devices download from {settings.public_url})")
-        out.print(f"MQTT broker ({kind}): {settings.effective_broker_url}")
+        out.print(f"MQTT broker ({kind}): {settings.effective_broker_url}; devices are told {settings.public_broker_url}")
         out.print(f"data: {settings.data_dir.resolve()}  database: {settings.database_url}")
         if settings.tls_crl_file is not None:
             _reload_crl_on_sighup(config.tls_context, settings.tls_crl_file)
@@ -162,11 +192,11 @@ def _reload_crl_on_sighup(context: Any, crl_file: Path) -> None:
 
 @app.command()
 def devices(
-    url: UrlOpt = DEFAULT_URL, group: Annotated[Optional[str], typer.Option(help="only this group")] = None, token: TokenOpt = None
+    url: UrlOpt = DEFAULT_URL, group: Annotated[Optional[str], typer.Option(help="only this group")] = None, token: TokenOpt = None, ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None
 ) -> None:
     """List the devices a running fleet knows."""
     with _errors():
-        rows = _http("GET", url, "/api/v1/devices", token=token, params={"group": group} if group else None)
+        rows = _http("GET", url, "/api/v1/devices", token=token, tls=(ca, cert, key), params={"group": group} if group else None)
         table = Table("device", "online", "active", "groups", "last seen", "agent", "identity")
         for d in rows:
             active = f"{d['active']['name']} v{d['active']['version']}" if d["active"] else "-"
@@ -185,27 +215,27 @@ def deploy(
     group: Annotated[Optional[str], typer.Option(help="every device of this group")] = None,
     device: Annotated[Optional[str], typer.Option(help="this one device")] = None,
     url: UrlOpt = DEFAULT_URL,
-    token: TokenOpt = None,
+    token: TokenOpt = None, ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None,
 ) -> None:
     """Deploy a stored bundle to a device or a group."""
     with _errors():
         if (group is None) == (device is None):
             raise ConfigError("give exactly one of --group and --device")
         body = {"bundle": bundle, "version": version, "group": group, "device_id": device}
-        dep = _http("POST", url, "/api/v1/deployments", token=token, json={k: v for k, v in body.items() if v is not None})
+        dep = _http("POST", url, "/api/v1/deployments", token=token, tls=(ca, cert, key), json={k: v for k, v in body.items() if v is not None})
         out.print(f"deployment [bold]{dep['id']}[/bold]: {bundle} v{version} -> {len(dep['targets'])} device(s)")
         for t in dep["targets"]:
             out.print(f"  {t['device_id']}: {t['state']}")
 
 
 @app.command()
-def upload(path: Annotated[Path, typer.Argument(help="bundle file")], url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
+def upload(path: Annotated[Path, typer.Argument(help="bundle file")], url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None) -> None:
     """Upload a bundle file to a running fleet, which verifies it before storing it."""
     with _errors():
         if not path.is_file():
             raise ConfigError(f"{path} is not a file")
         headers = {"content-type": "application/octet-stream", "content-length": str(path.stat().st_size)}
-        b = _http("POST", url, "/api/v1/bundles", token=token, content=_chunks(path), headers=headers)
+        b = _http("POST", url, "/api/v1/bundles", token=token, tls=(ca, cert, key), content=_chunks(path), headers=headers)
         out.print(f"stored {b['name']} v{b['version']}: {b['size']} bytes, sha256 {b['sha256']}")
         if b.get("warning"):
             out.print(f"[yellow]warning:[/yellow] {b['warning']}")
@@ -218,30 +248,30 @@ def _chunks(path: Path) -> Iterator[bytes]:
 
 
 @app.command()
-def revoke(device: Annotated[str, typer.Argument(help="device id")], url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
+def revoke(device: Annotated[str, typer.Argument(help="device id")], url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None) -> None:
     """Revoke a device: the broker refuses it, its API tokens stop working, it cannot enrol again."""
     with _errors():
-        d = _http("POST", url, f"/api/v1/devices/{_path_part(device)}/revoke", token=token)
+        d = _http("POST", url, f"/api/v1/devices/{_path_part(device)}/revoke", token=token, tls=(ca, cert, key))
         out.print(f"device [bold]{escape(d['id'])}[/bold] revoked at {d['revoked_at']}")
 
 
 @app.command()
-def reinstate(device: Annotated[str, typer.Argument(help="device id")], url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
+def reinstate(device: Annotated[str, typer.Argument(help="device id")], url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None) -> None:
     """Lift a device's revocation; it then enrols again with a new enrolment token."""
     with _errors():
-        d = _http("POST", url, f"/api/v1/devices/{_path_part(device)}/reinstate", token=token)
+        d = _http("POST", url, f"/api/v1/devices/{_path_part(device)}/reinstate", token=token, tls=(ca, cert, key))
         out.print(f"device [bold]{escape(d['id'])}[/bold] reinstated; give it a new enrolment token")
 
 
 @app.command()
 def audit(
     url: UrlOpt = DEFAULT_URL,
-    token: TokenOpt = None,
+    token: TokenOpt = None, ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="newest rows to show")] = 50,
 ) -> None:
     """Show the audit log, newest first: who changed what, when."""
     with _errors():
-        rows = _http("GET", url, "/api/v1/audit", token=token, params={"limit": limit})
+        rows = _http("GET", url, "/api/v1/audit", token=token, tls=(ca, cert, key), params={"limit": limit})
         for r in rows:  # one line each, so the log reads (and greps) whole at any terminal width
             out.print(f"{r['at']}  {escape(r['actor'])}  {r['action']}  {escape(r['target'])}  {escape(r['detail'])}", highlight=False)
 
@@ -252,22 +282,22 @@ def token_create(
     role: Annotated[str, typer.Option(help="admin | operator | viewer | device")],
     device: Annotated[Optional[str], typer.Option(help="the device, for role device")] = None,
     url: UrlOpt = DEFAULT_URL,
-    token: TokenOpt = None,
+    token: TokenOpt = None, ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None,
 ) -> None:
     """Create an API token; its secret is printed once and never again."""
     with _errors():
         body = {"name": name, "role": role, "device_id": device}
-        t = _http("POST", url, "/api/v1/tokens", token=token, json={k: v for k, v in body.items() if v is not None})
+        t = _http("POST", url, "/api/v1/tokens", token=token, tls=(ca, cert, key), json={k: v for k, v in body.items() if v is not None})
         err.print(f"token {t['id']} ({escape(t['name'])}, role {t['role']}) created; it is shown only now:")
         out.print(t["token"], highlight=False)
 
 
 @token_app.command("list")
-def token_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
+def token_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None) -> None:
     """List API tokens (never their secrets)."""
     with _errors():
         table = Table("id", "name", "role", "device", "created", "by", "last used", "revoked")
-        for t in _http("GET", url, "/api/v1/tokens", token=token):
+        for t in _http("GET", url, "/api/v1/tokens", token=token, tls=(ca, cert, key)):
             table.add_row(
                 str(t["id"]), escape(t["name"]), t["role"], t["device_id"] or "-", t["created_at"], escape(t["created_by"]),
                 t["last_used_at"] or "-", t["revoked_at"] or "-",
@@ -279,11 +309,11 @@ def token_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
 def token_revoke(
     token_id: Annotated[int, typer.Argument(help="the token's id (see 'token list')", min=1, max=(1 << 63) - 1)],
     url: UrlOpt = DEFAULT_URL,
-    token: TokenOpt = None,
+    token: TokenOpt = None, ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None,
 ) -> None:
     """Revoke an API token; it stops working at once."""
     with _errors():
-        t = _http("POST", url, f"/api/v1/tokens/{token_id}/revoke", token=token)
+        t = _http("POST", url, f"/api/v1/tokens/{token_id}/revoke", token=token, tls=(ca, cert, key))
         out.print(f"token {t['id']} ({escape(t['name'])}) revoked at {t['revoked_at']}")
 
 
@@ -293,25 +323,25 @@ def enrol_token_create(
     device: Annotated[Optional[str], typer.Option(help="only this device id may use it")] = None,
     ttl: Annotated[int, typer.Option(help="seconds until it expires", min=1, max=30 * 86400)] = 3600,
     url: UrlOpt = DEFAULT_URL,
-    token: TokenOpt = None,
+    token: TokenOpt = None, ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None,
 ) -> None:
     """Create a one-time enrolment token; give it to the device ('slmops agent enrol --token ...')."""
     with _errors():
         body: dict[str, Any] = {"groups": group or [], "ttl_s": ttl}
         if device is not None:
             body["device_id"] = device
-        t = _http("POST", url, "/api/v1/enrolment-tokens", token=token, json=body)
+        t = _http("POST", url, "/api/v1/enrolment-tokens", token=token, tls=(ca, cert, key), json=body)
         pinned = f" for device {escape(t['device_id'])}" if t["device_id"] else ""
         err.print(f"enrolment token {t['id']}{pinned}, groups [{', '.join(t['groups'])}], expires {t['expires_at']}; shown only now:")
         out.print(t["token"], highlight=False)
 
 
 @enrol_token_app.command("list")
-def enrol_token_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
+def enrol_token_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, ca: CaOpt = None, cert: CertOpt = None, key: KeyOpt = None) -> None:
     """List enrolment tokens (never their secrets): who made them, when they expire, which device used them."""
     with _errors():
         table = Table("id", "groups", "device", "expires", "used", "by device", "created by")
-        for t in _http("GET", url, "/api/v1/enrolment-tokens", token=token):
+        for t in _http("GET", url, "/api/v1/enrolment-tokens", token=token, tls=(ca, cert, key)):
             table.add_row(
                 str(t["id"]), ", ".join(t["groups"]), t["device_id"] or "-", t["expires_at"], t["used_at"] or "-",
                 t["used_by_device"] or "-", escape(t["created_by"]),
@@ -325,17 +355,43 @@ def _path_part(value: str) -> str:
     return quote(value, safe="")
 
 
-def _http(method: str, base: str, path: str, *, token: str | None = None, **kwargs: Any) -> Any:
+def _verify(base: str, ca: Path | None, cert: Path | None, key: Path | None) -> Any:
+    """What httpx verifies the fleet with: True (the system store) or a context trusting `ca` and presenting `cert`."""
+    if ca is None and cert is None and key is None:
+        return True
+    if not base.lower().startswith("https://"):
+        raise ConfigError(f"--ca, --cert and --key are for an https:// fleet, but the URL is {base}: use https://")
+    if key is not None and cert is None:
+        raise ConfigError("--key was given without --cert: give the client certificate too")
+    import ssl
+
+    from .tls import client_context
+
+    if ca is not None:
+        return client_context(ca, cert_file=cert, key_file=key)
+    ctx = ssl.create_default_context()  # the system store, and this client's certificate
+    try:
+        ctx.load_cert_chain(str(cert), keyfile=str(key) if key else None)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"cannot use the client certificate {cert}: {exc.__class__.__name__}: {exc}") from exc
+    return ctx
+
+
+def _http(method: str, base: str, path: str, *, token: str | None = None,
+          tls: tuple[Path | None, Path | None, Path | None] = (None, None, None), **kwargs: Any) -> Any:
+    """One request to a running fleet; `tls` is (--ca, --cert, --key)."""
     import httpx
 
     from .errors import FleetError
 
     if token:
         kwargs["headers"] = {**(kwargs.get("headers") or {}), "Authorization": f"Bearer {token}"}
+    verify = _verify(base, *tls)
     try:
-        r = httpx.request(method, base.rstrip("/") + path, timeout=HTTP_TIMEOUT_S, **kwargs)
+        r = httpx.request(method, base.rstrip("/") + path, timeout=HTTP_TIMEOUT_S, verify=verify, **kwargs)
     except httpx.HTTPError as exc:
-        raise TransportError(f"cannot reach the fleet at {base}: {exc}. Is 'slmops fleet serve' running there?") from exc
+        hint = " Does --ca name the CA that issued the fleet's certificate?" if "CERTIFICATE" in str(exc).upper() else ""
+        raise TransportError(f"cannot reach the fleet at {base}: {exc}. Is 'slmops fleet serve' running there?{hint}") from exc
     if r.status_code >= 400:
         try:
             detail = r.json().get("detail", r.text)

@@ -6,6 +6,10 @@ own embedded MQTT broker on `embedded_broker_host:embedded_broker_port`; `effect
 fleet talks to either way. `tls_cert_file` + `tls_key_file` turn on HTTPS (and make the derived `public_url`
 https); `tls_client_ca_file` adds mutual TLS (every HTTP client presents a certificate from that CA) and
 `tls_crl_file` refuses the certificates that CRL revokes (see fleet/tls.py and `slmops ca`).
+`embedded_broker_tls_cert_file` + `embedded_broker_tls_key_file` put the embedded broker's listener on TLS (then
+`effective_broker_url` is `mqtts://`, and `broker_ca_file` must name the CA the fleet's own client trusts it by).
+`public_broker_url` is the broker URL enrolment hands to devices (default: `effective_broker_url`), for a broker
+the devices reach under another name or port than the fleet does.
 
 Secrets: `admin_token` (the bootstrap admin's API token) and `broker_password` (the fleet's own MQTT password,
 user "fleet") are `SecretStr`, so they never show in a repr or a log. `check_startable()` refuses, outside demo
@@ -22,7 +26,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, TopicError
+from protocol.topics import BrokerAddress
 
 GIB = 1 << 30
 MIN_ADMIN_TOKEN_CHARS = 32
@@ -46,6 +51,9 @@ class Settings(BaseSettings):
     broker_url: str | None = None  # mqtt://host:port (MQTT 3.1.1) or mqtt5://host:port; None: embedded broker
     embedded_broker_host: str = "127.0.0.1"
     embedded_broker_port: int = Field(default=1883, ge=1, le=65535)
+    embedded_broker_tls_cert_file: Path | None = None  # PEM certificate: the embedded broker listens with TLS only
+    embedded_broker_tls_key_file: Path | None = None  # PEM private key of embedded_broker_tls_cert_file
+    public_broker_url: str = ""  # broker URL enrolment gives devices; empty: effective_broker_url
     client_id: str = "slmops-fleet"  # MQTT client id: slmops-fleet or slmops-fleet-<replica>; give each replica its own
     broker_username: str = "fleet"  # the fleet's broker account
     broker_ca_file: Path | None = None  # PEM CA the broker's certificate must chain to (mqtts://); None: system store
@@ -62,7 +70,6 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = None  # PEM private key of tls_cert_file
     tls_client_ca_file: Path | None = None  # set: mutual TLS, every client presents a certificate from this CA
     tls_crl_file: Path | None = None  # PEM CRL of that CA: revoked client certificates are refused
-    trust_dir: Path | None = None  # folder holding the trust root; a trusted bundle key either here or trusted_keys
     admin_token: SecretStr = SecretStr("")  # bootstrap admin API token (>= 32 chars); env SLMOPS_FLEET_ADMIN_TOKEN
     broker_password: SecretStr = SecretStr("")  # the fleet's own MQTT password (username "fleet")
     demo: bool = False  # generate missing secrets, allow no trusted key: only `slmops demo` and tests set it
@@ -76,17 +83,37 @@ class Settings(BaseSettings):
             raise ValueError("tls_client_ca_file (mutual TLS) needs HTTPS: set tls_cert_file and tls_key_file too")
         if self.tls_crl_file is not None and self.tls_client_ca_file is None:
             raise ValueError("tls_crl_file checks client certificates: set tls_client_ca_file too")
+        self._check_broker_tls()
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'fleet.db').as_posix()}"
         if not self.public_url:
             self.public_url = f"{self.scheme}://{self.host}:{self.port}"
         self.public_url = self.public_url.rstrip("/")
+        if not self.public_broker_url:
+            self.public_broker_url = self.effective_broker_url
+        try:
+            BrokerAddress.parse(self.public_broker_url)
+        except TopicError as exc:
+            raise ValueError(f"public_broker_url: {exc}") from exc
         if self.demo:
             if not self.admin_token.get_secret_value():
                 self.admin_token = SecretStr("slm_" + secrets.token_urlsafe(32))
             if not self.broker_password.get_secret_value():
                 self.broker_password = SecretStr(secrets.token_urlsafe(32))
         return self
+
+    def _check_broker_tls(self) -> None:
+        if (self.embedded_broker_tls_cert_file is None) != (self.embedded_broker_tls_key_file is None):
+            raise ValueError("set both embedded_broker_tls_cert_file and embedded_broker_tls_key_file for a TLS "
+                             "embedded broker, or neither")
+        if self.embedded_broker_tls_cert_file is None:
+            return
+        if self.broker_url is not None:
+            raise ValueError("embedded_broker_tls_* configure the embedded broker, but broker_url names an external "
+                             "one: unset broker_url, or configure TLS on that broker")
+        if self.broker_ca_file is None:
+            raise ValueError("a TLS embedded broker needs broker_ca_file: the CA that issued "
+                             "embedded_broker_tls_cert_file, so the fleet's own MQTT client can trust it")
 
     def check_startable(self) -> None:
         """Raise ConfigError, saying what to set, unless the fleet may serve with these settings."""
@@ -119,7 +146,9 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or f"mqtt://{self.embedded_broker_host}:{self.embedded_broker_port}"
+        """The broker the fleet talks to: `broker_url`, else the embedded one (mqtts:// when it listens with TLS)."""
+        scheme = "mqtts" if self.embedded_broker_tls_cert_file is not None else "mqtt"
+        return self.broker_url or f"{scheme}://{self.embedded_broker_host}:{self.embedded_broker_port}"
 
     def bundle_url(self, name: str, version: int) -> str:
         """Where devices download a stored bundle."""

@@ -20,6 +20,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -80,13 +81,30 @@ class FleetServer:
         tls_crl_file: Path | None = None,
         admin_token: str | None = None,
         broker_password: str | None = None,
+        broker_ca_file: Path | None = None,
+        broker_cert_file: Path | None = None,
+        broker_key_file: Path | None = None,
+        broker_admin_username: str | None = None,
+        broker_admin_password: str | None = None,
+        embedded_broker_tls_cert_file: Path | None = None,
+        embedded_broker_tls_key_file: Path | None = None,
+        public_broker_url: str | None = None,
     ) -> None:
         """Without `admin_token` the fleet runs in demo mode: its secrets are generated (and written 0600 to
-        `<workdir>/demo-secrets.json`); with one, `broker_password` is required too, as for `slmops fleet serve`."""
+        `<workdir>/demo-secrets.json`); with one, `broker_password` is required too, as for `slmops fleet serve`.
+        `broker_admin_username`/`_password` enrol and revoke devices in mosquitto's dynamic security (an external
+        `broker_url`); `embedded_broker_tls_*` put the embedded broker on TLS (with `broker_ca_file`, the CA the
+        fleet's own client trusts it by); the other `broker_*` are the fleet's own MQTT client's TLS files."""
         from fleet.settings import Settings
 
         self.port = free_port()
-        given = {"admin_token": admin_token, "broker_password": broker_password}
+        given = {
+            "admin_token": admin_token, "broker_password": broker_password, "broker_ca_file": broker_ca_file,
+            "broker_cert_file": broker_cert_file, "broker_key_file": broker_key_file,
+            "broker_admin_username": broker_admin_username, "broker_admin_password": broker_admin_password,
+            "embedded_broker_tls_cert_file": embedded_broker_tls_cert_file,
+            "embedded_broker_tls_key_file": embedded_broker_tls_key_file, "public_broker_url": public_broker_url,
+        }
         self.settings = Settings(
             data_dir=workdir,
             port=self.port,
@@ -154,6 +172,10 @@ class AgentProcess:
     api_port: int = field(default_factory=free_port)
     fleet_token: str | None = field(default=None, repr=False)  # passed as --fleet-token
     identity: dict | None = field(default=None, repr=False)  # an enrolment answer, saved as state/identity.json
+    broker_ca: Path | None = None  # --broker-ca: the CA of an mqtts:// broker's certificate
+    fleet_ca: Path | None = None  # --fleet-ca: the CA of an https fleet's certificate
+    fleet_cert: Path | None = None  # --fleet-cert / --fleet-key: this device's client certificate (mutual TLS)
+    fleet_key: Path | None = None
     proc: subprocess.Popen | None = None
 
     @property
@@ -173,6 +195,10 @@ class AgentProcess:
         ]
         if self.fleet_token:
             cmd += ["--fleet-token", self.fleet_token]
+        for flag, path in (("--broker-ca", self.broker_ca), ("--fleet-ca", self.fleet_ca),
+                           ("--fleet-cert", self.fleet_cert), ("--fleet-key", self.fleet_key)):
+            if path is not None:
+                cmd += [flag, str(path)]
         if self.identity is not None:
             from agent.enrol import Identity, save_identity
 
@@ -210,9 +236,10 @@ class AgentProcess:
 class FleetClient:
     """The fleet's HTTP API, as an operator's script uses it."""
 
-    def __init__(self, url: str, token: str | None = None) -> None:
+    def __init__(self, url: str, token: str | None = None, *, verify: ssl.SSLContext | bool = True) -> None:
+        """`verify`: how an https fleet is checked, e.g. `fleet.tls.client_context(ca, cert_file=, key_file=)`."""
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        self.http = httpx.Client(base_url=url, timeout=60, headers=headers)
+        self.http = httpx.Client(base_url=url, timeout=60, headers=headers, verify=verify)
 
     def _ok(self, r: httpx.Response) -> dict | list:
         if r.status_code >= 400:
@@ -245,6 +272,9 @@ class FleetClient:
 
     def devices(self) -> list:
         return self._ok(self.http.get("/api/v1/devices"))
+
+    def revoke(self, device_id: str) -> dict:
+        return self._ok(self.http.post(f"/api/v1/devices/{device_id}/revoke"))
 
     def wait_online(self, device_ids: list[str], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

@@ -3,7 +3,8 @@
 `create_app` first refuses settings the fleet must not serve with (`Settings.check_startable`: no trusted bundle
 key, an empty, short or default secret) with a ConfigError, outside demo mode.
 
-Lifespan: open the database (creating tables), start the embedded MQTT broker unless `broker_url` names one,
+Lifespan: open the database (creating tables), start the embedded MQTT broker unless `broker_url` names one
+(with TLS when `embedded_broker_tls_cert_file` is set),
 connect messaging and wait briefly for its subscriptions (the app serves even while the broker is away; paho keeps
 retrying), load the trust folder (`settings.trust_dir`: its bundles role keys uploads) or the trusted keys. On shutdown everything stops in reverse order.
 
@@ -93,12 +94,13 @@ def create_app(
             broker_accounts = accounts or getattr(app.state, "accounts", None)
             if settings.broker_url is None:
                 from ..auth import DbAuthenticator
-                from ..broker import EmbeddedBroker
+                from ..broker import EmbeddedBroker, listener_tls
 
                 auth = authenticator or getattr(app.state, "authenticator", None)
                 if auth is None:  # the fleet's own account and every enrolled device that is not revoked
                     auth = DbAuthenticator(db.sessions, settings.broker_password.get_secret_value())
-                broker = EmbeddedBroker(settings.embedded_broker_host, settings.embedded_broker_port, authenticator=auth)
+                broker = EmbeddedBroker(settings.embedded_broker_host, settings.embedded_broker_port, authenticator=auth,
+                                        tls=listener_tls(settings))
                 await run_in_threadpool(broker.start)
                 stack.callback(broker.stop)
                 broker_accounts = broker_accounts or broker.accounts

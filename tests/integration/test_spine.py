@@ -1,6 +1,7 @@
 """The spine end to end with real parts: the fleet (HTTP + SQLite + MQTT ingest), a real broker (the embedded
-amqtt one, and mosquitto over MQTT 5 when installed), three `slmops agent run` processes, real signed int4 bundles
-of the tiny model and real onnxruntime-genai inference. v1 and v2 must become active everywhere; v3, whose
+amqtt one, and mosquitto over MQTT 5 with dynamic security when installed: every client logs in with its own
+account), three `slmops agent run` processes, real signed int4 bundles of the tiny model and real
+onnxruntime-genai inference. v1 and v2 must become active everywhere; v3, whose
 weights are damaged, must be rolled back everywhere while v2 keeps answering."""
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from fleet.bundles import build_bundle
 from fleet.trust import init_trust
 from protocol.trust import PrivateKey
 from slmops.story import AgentProcess, FleetClient, FleetServer, ask, damaged_copy, rollout
-from tests.net import MOSQUITTO, mosquitto
+from tests.integration.dynsec import DynsecMosquitto, missing
 
 pytestmark = pytest.mark.integration
 DEVICES = ["spine-1", "spine-2", "spine-3"]
 STEPS = ["received", "downloading", "verifying", "installing", "health_check"]
 
 
-def check_story(tmp: Path, model: Path, broker_url: str | None) -> None:
+def check_story(tmp: Path, model: Path, broker_url: str | None, **fleet_kwargs: object) -> None:
     now = datetime.now(timezone.utc)
     trust = tmp / "trust"
     init_trust(trust, now=now, bundle_keys=3, bundle_threshold=2)  # slmops keys init, 2 of 3 bundle keys
@@ -32,7 +33,7 @@ def check_story(tmp: Path, model: Path, broker_url: str | None) -> None:
         bundles[v] = tmp / f"triage-{v}.bundle"
         build_bundle(folder, bundles[v], name="triage", version=v, signers=signers, now=now)
 
-    fleet = FleetServer(tmp / "fleet", broker_url=broker_url, trust_dir=trust).start()
+    fleet = FleetServer(tmp / "fleet", broker_url=broker_url, trust_dir=trust, **fleet_kwargs).start()  # type: ignore[arg-type]
     client = FleetClient(fleet.url, token=fleet.admin_token)
     agents: list[AgentProcess] = []
     try:
@@ -83,7 +84,13 @@ def test_spine_with_the_embedded_broker(tmp_path, tiny_int4):
     check_story(tmp_path, Path(tiny_int4), broker_url=None)
 
 
-@pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (apt-get install mosquitto)")
+@pytest.mark.skipif(missing() is not None, reason=missing() or "")
 def test_spine_with_mosquitto_over_mqtt5(tmp_path, tiny_int4):
-    with mosquitto(tmp_path) as port:
-        check_story(tmp_path, Path(tiny_int4), broker_url=f"mqtt5://127.0.0.1:{port}")
+    """mosquitto with dynamic security (deploy/mosquitto/dynsec.conf): the fleet logs in as `fleet` and enrols each
+    device's own account live; every agent logs in with its own."""
+    broker = DynsecMosquitto(tmp_path / "mosquitto")
+    try:
+        check_story(tmp_path, Path(tiny_int4), broker_url=broker.url, broker_password=broker.fleet_password,
+                    broker_admin_username="admin", broker_admin_password=broker.admin_password)
+    finally:
+        broker.close()

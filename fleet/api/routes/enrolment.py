@@ -51,6 +51,6 @@ def enrol(body: EnrolRequest, request: Request, s: SessionDep, fleet: FleetDep) 
         broker_username=done.device_id,
         broker_password=done.broker_password,
         api_token=done.api_token,
-        broker_url=fleet.settings.effective_broker_url,
+        broker_url=fleet.settings.public_broker_url,  # effective_broker_url unless devices reach it elsewhere
         fleet_url=fleet.settings.public_url,
     )
