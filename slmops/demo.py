@@ -4,7 +4,9 @@ Build the tiny reference model twice (v1 short training, v2 longer), export both
 evaluate them, sign bundles v1, v2 and a deliberately broken v3 (v2 with damaged weights), start the fleet with
 its embedded MQTT broker and three agents, roll v1 then v2 then v3 out to group `demo`, ask every agent a question
 through its local API after each rollout, and check that v3 was rolled back everywhere while v2 still answers.
-Models are cached in the work folder, so a second run skips training. Exit code 0 only if every check holds.
+Authentication is on throughout: a trust root signs bundles (2 of 3 keys) and commands, every agent enrols with a
+one-time token for its own broker account and API token; at the end a set of attacks (`slmops.probes`) must each be
+refused. Models are cached in the work folder, so a second run skips training. Exit code 0 only if every check holds.
 """
 
 from __future__ import annotations
@@ -191,15 +193,33 @@ def demo(
 
         console.rule("[bold]7. What the fleet recorded")
         ok = _summary(client, devices, rollouts)
+
+        console.rule("[bold]8. Attacks the fleet and the agents refuse")
+        ok &= _attacks(fleet, client, procs, built[0].folder, work)
     finally:
         for p in procs:
             p.stop()
         client.close()
         fleet.stop()
     verdict = "[green]PASS[/]" if ok else "[red]FAIL[/]"
-    console.print(Panel.fit(f"{verdict}: v1 -> v2 -> v3 rejected and rolled back on all {len(devices)} agents; "
+    console.print(Panel.fit(f"{verdict}: v1 -> v2 -> v3 rejected and rolled back on all {len(devices)} agents, every attack refused; "
                             f"{time.monotonic() - started:.0f}s in all. Work folder: {work}", border_style="green" if ok else "red"))
     raise typer.Exit(0 if ok else 1)
+
+
+def _attacks(fleet, client, procs, folder: Path, work: Path) -> bool:
+    """Try each attack of `slmops.probes` on the running fleet and agents; print what must and what did happen."""
+    from slmops.probes import probe_all
+
+    with console.status("trying attacks on the fleet and the agents..."):
+        probes = probe_all(fleet, client, procs, folder, work)
+    t = Table(title="every attack gets a refusal, and changes nothing", title_justify="left")
+    for col in ("attack", "must", "happened", ""):
+        t.add_column(col)
+    for p in probes:
+        t.add_row(p.attack, p.expected, p.observed, "[green]✓[/]" if p.ok else "[red]✗[/]")
+    console.print(t)
+    return all(p.ok for p in probes)
 
 
 def _summary(client, devices: list[str], rollouts: list[Rollout]) -> bool:

@@ -14,6 +14,7 @@ import pytest
 from fleet.bundles import build_bundle
 from fleet.trust import init_trust
 from protocol.trust import PrivateKey
+from slmops.probes import probe_all
 from slmops.story import AgentProcess, FleetClient, FleetServer, ask, damaged_copy, rollout
 from tests.integration.dynsec import DynsecMosquitto, missing
 
@@ -73,6 +74,9 @@ def check_story(tmp: Path, model: Path, broker_url: str | None, **fleet_kwargs: 
             assert history == STEPS + ["active"] + STEPS + ["active"] + STEPS + ["rolled_back"]
             last = dev["history"][-1]
             assert last["error_code"] == "health_check" and last["active_version"] == 2
+        # the demo's attacks (slmops/probes.py): each refused, nothing changed
+        probes = probe_all(fleet, client, agents, model, tmp)
+        assert [p.attack for p in probes if not p.ok] == [], probes
     finally:
         for a in agents:
             a.stop()
