@@ -241,9 +241,9 @@ def test_bundle_upload_raises_only_slmops_errors(data: bytes) -> None:
 
 @CI
 @given(PARSERS["dynsec_reply"][0])
-@example(b'{"responses": 5}')  # found by bench.fuzz: TypeError from iterating an int
-@example(b'{"responses": [{"correlationData": []}]}')  # found by bench.fuzz: TypeError, unhashable list
-@example(b"[" * 5000)  # found by bench.fuzz: RecursionError from json.loads
+@example(b'{"responses": null}')  # found by bench.fuzz: TypeError, iterating None (paho's loop would stop)
+@example(b'{"responses": [{"command": "createClient", "correlationData": {"": true}}]}')  # found: unhashable dict
+@example(b"[" * 5000)  # RecursionError from json.loads
 def test_dynsec_reply_never_raises(payload: bytes) -> None:
     check_dynsec_reply(payload)
 
@@ -257,13 +257,13 @@ def test_valid_enrol_answers_parse(doc: dict) -> None:
 
 @CI
 @given(PARSERS["enrol_answer"][0])
-@example(b"[" * 6000)  # found by bench.fuzz: RecursionError from json.loads
-@example(b'{"detail":' + b"[" * 900 + b"]" * 900 + b"}")  # found by bench.fuzz: RecursionError from str()
+@example(b"[" * 6000)  # found by bench.fuzz: RecursionError from json.loads in Identity.parse and in enrol()'s 400 path
 def test_enrol_answer_raises_only_config_error(body: bytes) -> None:
     check_enrol_answer(body)
 
 
 @CI
 @given(PARSERS["identity_file"][0])
+@example((b"[" * 6000, True))  # found by bench.fuzz: RecursionError from json.loads in Identity.parse
 def test_identity_file_raises_only_config_error(x: tuple[bytes, bool]) -> None:
     check_identity_file(x)
