@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(results, indent=1))
     table = Table(title=f"fuzz: up to {args.examples} inputs per parser, {args.limit_s} s per input")
     for col in ("parser", "inputs", "crashes", "hangs", "slowest s", "time s", "inputs/s", "first crash kinds"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col != "first crash kinds")
     for name, r in results["parsers"].items():
         table.add_row(name, str(r["inputs"]), str(r["crash_count"]), str(r["hang_count"]), str(r["slowest_s"]),
                       str(r["duration_s"]), f"{r['inputs_per_s']:.0f}", "; ".join(list(r["crashes"])[:3]))

@@ -29,11 +29,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.commands import CommandGate
-from protocol.errors import MessageError, SignatureError
+from protocol.errors import MessageError, SignatureError, SlmopsError
 from protocol.manifest import MAX_VERSION
 from protocol.messages import BundleRef, CancelCommand, DeployCommand, encode, parse_message
 from protocol.root import load_trusted_root
-from protocol.errors import SlmopsError
 from protocol.trust import generate_keypair, sign_message, verify_message
 from tests.fuzz.test_bodies import quiet, scratch
 from tests.fuzz.test_parsers import (
@@ -174,7 +173,8 @@ def check_admit(x: tuple[dict, list | None]) -> None:
     with quiet(*LOGGERS):
         admitted = gate.admit(cmd)
     if not admitted:
-        assert _files(gate.state_dir) == before, f"a refused command changed {sorted(set(_files(gate.state_dir)) ^ set(before)) or 'a file'}"
+        after = _files(gate.state_dir)
+        assert after == before, f"a refused command changed {sorted(k for k in {*after, *before} if after.get(k) != before.get(k))}"
         assert (gate.last_seq, gate._recent) == (seq, recent), "a refused command moved the last seq"
         clean = (plan["signer"] == "command" and plan["seq"][0] == "next" and plan["url"] == GOOD_URL
                  and plan["root"] == "current" and ops is None and seq + plan["seq"][1] <= MAX_VERSION)
