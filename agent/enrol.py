@@ -44,7 +44,7 @@ class Identity:
             raise ConfigError(f"identity is {len(data)} bytes, over {MAX_IDENTITY_BYTES}; enrol again")
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, int digit limit, nested too deep
             raise ConfigError(f"identity is not JSON ({exc.__class__.__name__}); enrol again") from exc
         names = [f.name for f in cls.__dataclass_fields__.values()]
         if not isinstance(doc, dict) or not all(isinstance(doc.get(n), str) for n in names):
@@ -85,7 +85,7 @@ def enrol(fleet_url: str, token: str, device_id: str, *, client: httpx.Client | 
     if r.status_code != 201:
         try:
             detail = str(json.loads(body).get("detail", ""))[:300]
-        except (ValueError, AttributeError, UnicodeDecodeError):
+        except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, too deep to read or print
             detail = ""
         raise ConfigError(f"the fleet refused the enrolment (HTTP {r.status_code}): {detail or 'no reason given'}")
     identity = Identity.parse(body)

@@ -1,7 +1,9 @@
 """Long fuzz run of every parser of outside input: `python -m bench.fuzz [--examples 100000] [--parser NAME]`.
 
-Workflow: for each parser in `tests.fuzz.test_parsers.PARSERS` (messages, envelope, manifest, bundle, root, chat,
-...: strategy, check), hypothesis generates `--examples`
+Workflow: for each parser in `PARSERS` (strategy, check), gathered from `tests/fuzz/`: test_parsers (messages,
+envelope, manifest, bundle, root, chat), test_bodies (the fleet's request bodies and bundle upload, mosquitto's
+dynamic-security answers, the agent's enrolment answer and identity file) and test_gate (the command gate's stored
+state, and refused commands that must leave it byte-identical), hypothesis generates `--examples`
 inputs (generate phase only: no shrinking, no example database, a fresh seed unless `--seed`); each input runs its
 check under a `--limit-s` wall-clock alarm. A check that raises anything (an exception type the parser may not
 raise, or a broken sink invariant) counts as a crash, keyed by exception type and the line that raised it, with the
@@ -27,7 +29,9 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.fuzz.test_parsers import PARSERS  # noqa: E402
+from tests.fuzz import test_bodies, test_gate, test_parsers  # noqa: E402
+
+PARSERS = {**test_parsers.PARSERS, **test_bodies.PARSERS, **test_gate.PARSERS}
 
 EXAMPLE_CHARS = 4000  # characters of an input's repr kept in the results
 
@@ -83,6 +87,7 @@ def fuzz(name: str, n: int, limit_s: float, seed_: int | None, advance) -> dict:
     started = time.perf_counter()
     test()
     out["duration_s"] = round(time.perf_counter() - started, 1)
+    out["inputs_per_s"] = round(out["inputs"] / max(time.perf_counter() - started, 1e-9), 1)
     out["crash_count"] = sum(c["count"] for c in out["crashes"].values())
     out["hang_count"] = sum(h["count"] for h in out["hangs"].values())
     return out
@@ -118,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"fuzz-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=1))
     table = Table(title=f"fuzz: up to {args.examples} inputs per parser, {args.limit_s} s per input")
-    for col in ("parser", "inputs", "crashes", "hangs", "slowest s", "time s", "first crash kinds"):
-        table.add_column(col)
+    for col in ("parser", "inputs", "crashes", "hangs", "slowest s", "time s", "inputs/s", "first crash kinds"):
+        table.add_column(col, no_wrap=col != "first crash kinds")
     for name, r in results["parsers"].items():
         table.add_row(name, str(r["inputs"]), str(r["crash_count"]), str(r["hang_count"]), str(r["slowest_s"]),
-                      str(r["duration_s"]), "; ".join(list(r["crashes"])[:3]))
+                      str(r["duration_s"]), f"{r['inputs_per_s']:.0f}", "; ".join(list(r["crashes"])[:3]))
     console.print(table)
     console.print(f"results: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return 1 if any(r["crash_count"] or r["hang_count"] for r in results["parsers"].values()) else 0

@@ -24,6 +24,7 @@ from typing import Any
 
 from mqttlink import ClientOptions, Watch, connect, make_client
 from protocol import topics
+from protocol.errors import one_line
 
 from .errors import BrokerAccountsError
 from .settings import Settings
@@ -152,12 +153,18 @@ class DynsecAccounts:
             self._ready.set()
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        # an exception here would stop paho's network loop: anything unreadable is dropped with one log line
         try:
-            responses = json.loads(msg.payload).get("responses", [])
-            with self._lock:
-                for r in responses:
-                    if isinstance(r, dict) and r.get("correlationData") in self._pending:
-                        self._answers[r["correlationData"]] = r
-                self._lock.notify_all()
-        except (ValueError, AttributeError) as exc:
-            log.warning("dropped an unreadable dynamic-security response: %s", str(exc)[:200])
+            doc = json.loads(msg.payload)
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, int digit limit, nested too deep
+            log.warning("dropped an unreadable dynamic-security response: %s", one_line(exc))
+            return
+        responses = doc.get("responses", []) if isinstance(doc, dict) else None
+        if not isinstance(responses, list):
+            log.warning("dropped a dynamic-security response without a list of responses")
+            return
+        with self._lock:
+            for r in responses:
+                if isinstance(r, dict) and isinstance(r.get("correlationData"), str) and r["correlationData"] in self._pending:
+                    self._answers[r["correlationData"]] = r
+            self._lock.notify_all()
