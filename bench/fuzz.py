@@ -5,10 +5,11 @@ envelope, manifest, bundle, root, chat), test_bodies (the fleet's request bodies
 dynamic-security answers, the agent's enrolment answer and identity file) and test_gate (the command gate's stored
 state, and refused commands that must leave it byte-identical), hypothesis generates `--examples`
 inputs (generate phase only: no shrinking, no example database, a fresh seed unless `--seed`); each input runs its
-check under a `--limit-s` wall-clock alarm. A check that raises anything (an exception type the parser may not
+check under a `--limit-s` alarm of CPU time (so a busy machine does not turn slow inputs into hangs) and a wall-clock
+alarm ten times longer (an input that blocks). A check that raises anything (an exception type the parser may not
 raise, or a broken sink invariant) counts as a crash, keyed by exception type and the line that raised it, with the
-smallest input seen for it; an input that outlives the alarm counts as a hang (an alarm interrupts Python code only,
-not a single long C call). Prints a summary per parser and writes `bench/results/fuzz-<time>.json`.
+smallest input seen for it; an input that outlives an alarm counts as a hang, also when the alarm went off inside code that ignores
+exceptions (a gc callback) (an alarm interrupts Python code only, not a single long C call). Prints a summary per parser and writes `bench/results/fuzz-<time>.json`.
 """
 
 from __future__ import annotations
@@ -34,13 +35,19 @@ from tests.fuzz import test_bodies, test_gate, test_parsers  # noqa: E402
 PARSERS = {**test_parsers.PARSERS, **test_bodies.PARSERS, **test_gate.PARSERS}
 
 EXAMPLE_CHARS = 4000  # characters of an input's repr kept in the results
+WALL_FACTOR = 10  # an input also counts as a hang after this many times --limit-s of wall-clock time
 
 
 class Hang(BaseException):
     """An input ran past the per-input limit (a BaseException, so no `except Exception` in a parser swallows it)."""
 
 
+_fired = False  # set by the alarm: an alarm raised where Python ignores exceptions (a gc callback) still counts
+
+
 def _alarm(signum: int, frame: object) -> None:
+    global _fired
+    _fired = True
     raise Hang()
 
 
@@ -66,16 +73,22 @@ def fuzz(name: str, n: int, limit_s: float, seed_: int | None, advance) -> dict:
     out: dict = {"inputs": 0, "crashes": {}, "hangs": {}, "slowest_s": 0.0}
 
     def prop(x: object) -> None:
+        global _fired
         out["inputs"] += 1
+        _fired = False
         started = time.perf_counter()
-        signal.setitimer(signal.ITIMER_REAL, limit_s)
+        signal.setitimer(signal.ITIMER_PROF, limit_s)  # CPU time: a busy machine does not make an input a hang
+        signal.setitimer(signal.ITIMER_REAL, limit_s * WALL_FACTOR)  # wall clock: catches an input that blocks
         try:
             check(x)
+            if _fired:  # the alarm went off inside something that ignores exceptions; the input still ran too long
+                _record(out["hangs"], "hang", x, Hang("alarm swallowed"), time.perf_counter() - started)
         except Hang as exc:
             _record(out["hangs"], "hang", x, exc, time.perf_counter() - started)
         except Exception as exc:  # the check lets only the parser's typed errors through
             _record(out["crashes"], f"{type(exc).__name__} at {_where(exc)}", x, exc, time.perf_counter() - started)
         finally:
+            signal.setitimer(signal.ITIMER_PROF, 0)
             signal.setitimer(signal.ITIMER_REAL, 0)
             out["slowest_s"] = max(out["slowest_s"], round(time.perf_counter() - started, 3))
             advance()
@@ -97,7 +110,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__.split("\n\n")[0])
     p.add_argument("--examples", type=int, default=100_000, help="inputs per parser")
     p.add_argument("--parser", choices=sorted(PARSERS), action="append", help="only this parser (repeatable)")
-    p.add_argument("--limit-s", type=float, default=2.0, help="seconds one input may take before it counts as a hang")
+    p.add_argument("--limit-s", type=float, default=2.0, help="CPU seconds one input may take before it counts as a hang (wall clock: 10x)")
     p.add_argument("--seed", type=int, default=None, help="hypothesis seed, to repeat a run")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="where results go")
     return p.parse_args(argv)
@@ -108,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.parser or list(PARSERS)
     console = Console()
     signal.signal(signal.SIGALRM, _alarm)
+    signal.signal(signal.SIGPROF, _alarm)
     results = {"meta": {"started": datetime.now(timezone.utc).isoformat(), "examples": args.examples,
                         "limit_s": args.limit_s, "seed": args.seed, "python": sys.version.split()[0]},
                "parsers": {}}
