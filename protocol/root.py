@@ -47,6 +47,7 @@ from .errors import (
     SlmopsError,
     clip,
 )
+from .jsonbytes import load_bounded
 from .manifest import KEYID_RE, MAX_VERSION, canonical_bytes
 from .trust import Keyring, PrivateKey, PublicKey, key_id
 
@@ -246,12 +247,7 @@ def _require(p: _Parsed, role: Role, keys: Mapping[str, PublicKey], banned: froz
 def _parse(data: bytes) -> _Parsed:
     if not isinstance(data, (bytes, bytearray)):
         raise RootError("a trust root must be bytes")
-    if len(data) > MAX_ROOT_BYTES:
-        raise RootError(f"trust root is {len(data)} bytes, over the {MAX_ROOT_BYTES} byte limit")
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, a number Python refuses, nesting too deep
-        raise RootError(f"trust root is not JSON this device can read: {str(exc)[:200]}") from exc
+    doc = load_bounded(bytes(data), limit=MAX_ROOT_BYTES, error=RootError, what="trust root")
     if not isinstance(doc, dict) or set(doc) != {"signed", "signatures"}:
         raise RootError('trust root must be {"signed": {...}, "signatures": [...]} and nothing else')
     sigs = doc["signatures"]

@@ -14,7 +14,6 @@ Workflow:
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from .errors import (
     ManifestError,
     SignatureError,
 )
+from .jsonbytes import load_bounded
 from .manifest import FileEntry, Manifest, canonical_bytes
 
 if TYPE_CHECKING:
@@ -224,12 +224,7 @@ def check_file(entry: FileEntry, size: int, sha256: str) -> None:
 
 
 def _parse_envelope(envelope: bytes) -> dict:
-    if len(envelope) > MAX_ENVELOPE_BYTES:
-        raise ManifestError(f"manifest envelope is {len(envelope)} bytes, over the {MAX_ENVELOPE_BYTES} byte limit")
-    try:
-        doc = json.loads(envelope)
-    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, a number Python refuses, nesting too deep
-        raise ManifestError(f"manifest envelope is not JSON this device can read: {str(exc)[:200]}") from exc
+    doc = load_bounded(envelope, limit=MAX_ENVELOPE_BYTES, error=ManifestError, what="manifest envelope")
     if not isinstance(doc, dict) or not isinstance(doc.get("signed"), dict) or not isinstance(doc.get("signatures"), list):
         raise ManifestError('manifest envelope must be {"signed": {...}, "signatures": [...]}')
     return doc
