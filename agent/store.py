@@ -45,7 +45,7 @@ from protocol.errors import (
     StorageError,
 )
 from protocol.bundle import file_sha256
-from protocol.manifest import Manifest, check_name, check_version
+from protocol.manifest import SHA256_RE, Manifest, check_name, check_version
 from protocol.messages import check_deployment_id
 from protocol.trust import check_file
 
@@ -154,6 +154,19 @@ class Store:
         """versions/<name>/<version>.manifest.json: the verified manifest of an installed version."""
         d = self.version_dir(ref)
         return d.parent / f"{d.name}.manifest.json"
+
+    def digest_file(self, ref: ModelRef) -> Path:
+        """versions/<name>/<version>.bundle-sha256: the sha256 of the bundle file an installed version came from."""
+        d = self.version_dir(ref)
+        return d.parent / f"{d.name}.bundle-sha256"
+
+    def bundle_digest(self, ref: ModelRef) -> str | None:
+        """The sha256 of the bundle an installed version came from, or None (not recorded, or unreadable)."""
+        try:
+            text = self.digest_file(ref).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return text if SHA256_RE.fullmatch(text) else None
 
     # -- the active pointer -----------------------------------------------------------------------------------
     def _pointer(self) -> dict[str, Any]:
@@ -320,7 +333,8 @@ class Store:
             return None
         return doc if isinstance(doc, dict) else None
 
-    def install(self, unpacked: Path, ref: ModelRef, manifest: dict[str, Any] | None = None) -> Path:
+    def install(self, unpacked: Path, ref: ModelRef, manifest: dict[str, Any] | None = None,
+                bundle_sha256: str | None = None) -> Path:
         """Move a verified staging folder into versions/ (idempotent: a finished move is left alone).
 
         The folder of the active or previous version is never removed: a new copy of it is exchanged in with one
@@ -330,6 +344,8 @@ class Store:
             return dest
         if manifest is not None:
             write_json_atomic(self.manifest_file(ref), manifest)
+        if bundle_sha256 is not None:
+            write_bytes_atomic(self.digest_file(ref), bundle_sha256.encode("ascii"))
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists() and ref in (self.active(), self.previous()):
             old = unpacked.parent / "replaced"
@@ -352,6 +368,7 @@ class Store:
             return
         shutil.rmtree(self.version_dir(ref), ignore_errors=True)
         _unlink(self.manifest_file(ref))
+        _unlink(self.digest_file(ref))
 
     def clear_staging(self, deployment_id: str) -> None:
         shutil.rmtree(self.staging(deployment_id), ignore_errors=True)

@@ -17,7 +17,9 @@ Rules (after Mender):
   and reports.
 - Nothing is installed into `versions/` before the bundle's signature (a threshold of the trust root's bundles
   role), expiry, version floor, target (`check_target`) and every file hash are verified; a bundle that reuses an
-  installed name and version with other content is refused (`VersionReusedError`).
+  installed name and version with other content is refused (`VersionReusedError`). A deploy of the version that
+  serves is answered "already active" only when its bundle file is the one installed (its sha256 is kept beside
+  the version) and the files are intact; otherwise the bundle is fetched and verified like any other.
 - The active pointer is snapshotted when the update starts; ROLLBACK writes that snapshot back and makes the
   runtime serve the model it names. CLEANUP always runs and sends the one terminal status report.
 - A state entered more than `MAX_ENTRIES` times in one update is a loop: the step fails.
@@ -276,15 +278,17 @@ class Updater:
         self.report(deployment_id=cmd.deployment_id, bundle=cmd.bundle, state=U.RECEIVED, active_version=_v(active))
         current = self.runtime.current
         if active == ref and current is not None and current.ref == ref:
-            problem = self.store.inspect(ref, hashes=self.limits.check_hashes)
+            known = self.store.bundle_digest(ref)
+            other = known is not None and known != cmd.bundle.sha256  # same name and version, other bundle file
+            problem = "the command names another bundle file" if other else self.store.inspect(ref, hashes=self.limits.check_hashes)
             if problem is None:
                 self.report(deployment_id=cmd.deployment_id, bundle=cmd.bundle, state=U.ACTIVE,
                             active_version=ref.version, detail="already active")
                 rec.outcome, rec.detail = U.ACTIVE, "already active"
                 self._remember(rec)
                 return U.ACTIVE
-            log.warning("%s v%s is active but its files are damaged (%s): installing it again", ref.name,
-                        ref.version, problem)
+            log.warning("%s v%s is active but %s: fetching and verifying it", ref.name, ref.version,
+                        problem if other else f"its files are damaged ({problem})")
         return self._run(rec)
 
     def supersede(self, cmd: DeployCommand, by: DeployCommand) -> UpdateState:
@@ -414,7 +418,7 @@ class Updater:
         rec.manifest = manifest.to_signed()
 
     def _install(self, rec: Record) -> None:
-        self.store.install(self._unpacked(rec), rec.ref, rec.manifest)
+        self.store.install(self._unpacked(rec), rec.ref, rec.manifest, bundle_sha256=rec.bundle["sha256"])
 
     def _health_check(self, rec: Record) -> None:
         manifest = self._manifest(rec)

@@ -279,6 +279,22 @@ def test_refused_before_install(rig, make, code):
     assert_still_serving(rig, active.version)
 
 
+def test_equal_version_with_other_content_is_refused_while_it_serves(rig):
+    """The active version, its files intact, named again with another bundle file: not "already active" (the device
+    does not have that content) but fetched, verified and refused as a reused version; nothing changes."""
+    active = rig.agent.store.active()
+    manifest_before = rig.agent.store.trusted_manifest(active)
+    digest_before = rig.agent.store.bundle_digest(active)
+    assert digest_before is not None
+    reports = rig.deploy(rig.bundle(active.version, name="same-v-live.bundle", description="other content"), active.version)
+    assert states(reports) == [U.RECEIVED, U.DOWNLOADING, U.VERIFYING, U.REJECTED]
+    assert reports[-1].error_code == "version_reused"
+    assert rig.agent.store.trusted_manifest(active) == manifest_before
+    assert rig.agent.store.bundle_digest(active) == digest_before
+    assert list(rig.agent.store.staging_root.iterdir()) == []
+    assert_still_serving(rig, active.version)
+
+
 def test_unsigned_and_forged_commands_over_mqtt_are_not_acted_on(rig):
     active = rig.agent.store.active().version
     path = rig.bundle(active + 1, name="forged.bundle")
