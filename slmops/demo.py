@@ -12,6 +12,7 @@ refused. Models are cached in the work folder, so a second run skips training. E
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -131,6 +132,9 @@ def demo(
     work = workdir.resolve()
     for sub in ("fleet", "agents", "logs", "bundles", "keys"):
         shutil.rmtree(work / sub, ignore_errors=True)
+    (work / "logs").mkdir(parents=True)
+    logging.basicConfig(filename=work / "logs" / "fleet.log", level=logging.INFO,  # the fleet's log, off the report
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     console.print(Panel.fit("[bold]slmops demo[/]: tiny model -> signed int4 bundle -> MQTT rollout -> "
                             "agents verify, serve, report, roll back", border_style="cyan"))
 
@@ -164,7 +168,8 @@ def demo(
             identity = client.enrol(d, [GROUP])
             procs.append(AgentProcess(d, work / "agents" / d, fleet.broker_url, trust / "root.json", fleet.url,
                                       work / "logs" / f"{d}.log", identity=identity))
-        console.print(f"  fleet API {fleet.url}, MQTT broker {fleet.broker_url}" + ("" if broker else " (embedded)"))
+        console.print(f"  fleet API {fleet.url}, MQTT broker {fleet.broker_url}" + ("" if broker else " (embedded)")
+                      + ", log logs/fleet.log")
         console.print(f"  demo secrets (admin token, fleet broker password): {work / 'fleet' / 'demo-secrets.json'} (0600);"
                       " each agent enrolled with a one-time token into its state/identity.json")
         for p in procs:
