@@ -274,6 +274,26 @@ def _mqtt(port: int, trust: Path, cred: Cred, version: ssl.TLSVersion | None) ->
     return result.get("out", "refused: no CONNACK in 5 s")
 
 
+@pytest.mark.parametrize("cred", CREDS)
+def test_the_agents_link_presents_its_device_certificate(certs: Pki, brokers: tuple[Broker, int], cred: str,
+                                                         tmp_path: Path) -> None:
+    """The agent's own MQTT link (mqttlink's client factory with --broker-ca/--broker-cert/--broker-key) against
+    mosquitto with mutual TLS: connected and subscribed with a valid certificate, never with a bad one."""
+    from agent.link import Link
+    from agent.store import SeqCounter
+
+    broker, _ = brokers
+    c = certs.creds[cred]
+    link = Link(c.cn, f"mqtts://127.0.0.1:{broker.port}", seq=SeqCounter(tmp_path / "seq.json"), on_deploy=lambda m: None,
+                active=lambda: None, ca_file=certs.ca, cert_file=c.cert, key_file=c.key, reconnect_max_s=1.0)
+    link.start()
+    try:
+        assert link.wait_connected(5 if cred == "valid" else 2) is (cred == "valid")
+    finally:
+        link.stop()
+    assert broker.admitted(c.cn) is (cred == "valid")
+
+
 @pytest.mark.parametrize("version", [None, T12, T13], ids=["paho-tls_set", "tls1.2", "tls1.3"])
 @pytest.mark.parametrize("cred", CREDS)
 def test_mosquitto_mutual_tls_table(certs: Pki, brokers: tuple[Broker, int], cred: str, version) -> None:
