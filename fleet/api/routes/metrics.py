@@ -9,15 +9,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy.orm import Session
 
+from protocol.root import Root
+
 from ... import crud
+from ...trust import trust_for
 from ..deps import FleetDep, SessionDep, metrics_access
 
 router = APIRouter(tags=["metrics"])
 
 
 class FleetCollector:
-    def __init__(self, s: Session, mqtt_connected: bool) -> None:
-        self.s, self.mqtt_connected = s, mqtt_connected
+    def __init__(self, s: Session, mqtt_connected: bool, root: Root | None = None) -> None:
+        self.s, self.mqtt_connected, self.root = s, mqtt_connected, root
 
     def collect(self) -> Iterator[Metric]:
         total, online = crud.count_devices(self.s)
@@ -30,10 +33,17 @@ class FleetCollector:
         yield GaugeMetricFamily(
             "slmops_mqtt_connected", "1 while this replica is subscribed on the MQTT broker", value=int(self.mqtt_connected)
         )
+        if self.root is not None:  # devices drop every command once the root expires: alert well before
+            yield GaugeMetricFamily("slmops_trust_root_version", "Version of the trust root commands are signed under",
+                                    value=self.root.version)
+            yield GaugeMetricFamily("slmops_trust_root_expiry_timestamp_seconds",
+                                    "When the current trust root expires (Unix time); rotate it before then",
+                                    value=self.root.expires.timestamp())
 
 
 @router.get("/metrics", dependencies=[Depends(metrics_access)])
 def metrics(s: SessionDep, fleet: FleetDep) -> Response:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(s, fleet.messaging.connected))
+    trust = trust_for(fleet.settings)
+    registry.register(FleetCollector(s, fleet.messaging.connected, trust.root if trust is not None else None))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
