@@ -360,10 +360,11 @@ def _revoke_device_tokens(s: Session, *, device_id: str, now: datetime) -> int:
 
 
 def device_may_download(s: Session, *, device_id: str, name: str, version: int) -> bool:
-    """Is this bundle the subject of a deployment that targets this device?"""
+    """Is this bundle the subject of a deployment that sent this device a command? (A rollout's wave that has not
+    reached the device yet does not count.)"""
     q = select(
         exists()
-        .where(DeploymentTarget.device_id == device_id)
+        .where(DeploymentTarget.device_id == device_id, DeploymentTarget.released_at.is_not(None))
         .where(DeploymentTarget.deployment_id == Deployment.id)
         .where(Deployment.bundle_name == name, Deployment.bundle_version == version)
     )

@@ -8,10 +8,10 @@ here never commits and never reads the time. Inbound device messages land throug
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Select, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -26,6 +26,7 @@ from .models import (
     DeploymentTarget,
     Device,
     DeviceGroup,
+    DeviceTag,
     StatusReportRow,
     TelemetrySample,
 )
@@ -93,10 +94,32 @@ def register_device(s: Session, *, device_id: str, groups: Sequence[str], now: d
 
 
 def list_devices(s: Session, *, group: str | None = None) -> list[Device]:
-    q = select(Device).options(selectinload(Device.groups)).order_by(Device.id)
+    q = select(Device).options(selectinload(Device.groups), selectinload(Device.tags)).order_by(Device.id)
     if group is not None:
         q = q.where(Device.id.in_(select(DeviceGroup.device_id).where(DeviceGroup.group == group)))
     return list(s.scalars(q))
+
+
+def group_member_ids(group: str) -> Select[tuple[str]]:
+    return select(DeviceGroup.device_id).where(DeviceGroup.group == group)
+
+
+def list_groups(s: Session) -> list[tuple[str, int]]:
+    """(group, number of devices), by name."""
+    q = select(DeviceGroup.group, func.count()).group_by(DeviceGroup.group).order_by(DeviceGroup.group)
+    return [(g, n) for g, n in s.execute(q).tuples()]
+
+
+def set_tags(s: Session, *, device_id: str, tags: Mapping[str, str | None]) -> Device:
+    """Set (a value) or remove (None) tags of a registered device; NotFound-free: the caller checks the device."""
+    for key, value in tags.items():
+        s.execute(delete(DeviceTag).where(DeviceTag.device_id == device_id, DeviceTag.key == key))
+        if value is not None:
+            s.add(DeviceTag(device_id=device_id, key=key, value=value))
+    s.flush()
+    device = s.get_one(Device, device_id, populate_existing=True)
+    s.refresh(device, ["tags"])
+    return device
 
 
 def count_devices(s: Session) -> tuple[int, int]:
@@ -306,11 +329,12 @@ def state_counts(deployment: Deployment) -> dict[str, int]:
 
 
 def desired_target(s: Session, *, device_id: str) -> DeploymentTarget | None:
-    """The device's desired bundle: the target of the newest deployment that names it."""
+    """The device's desired bundle: the target of the newest deployment that sent it a command (a rollout's wave
+    that has not reached the device yet does not count, nor one its rollout stopped before reaching it)."""
     q = (
         select(DeploymentTarget)
         .options(selectinload(DeploymentTarget.deployment))
-        .where(DeploymentTarget.device_id == device_id)
+        .where(DeploymentTarget.device_id == device_id, DeploymentTarget.released_at.is_not(None))
         .order_by(DeploymentTarget.id.desc())
         .limit(1)
     )

@@ -1,10 +1,12 @@
 """Deployments: turn "bundle B to device D / group G" into desired state in the database and deploy commands.
 
-Workflow: `plan_deployment` records the deployment and each target device's desired bundle and returns one
-`DeployCommand` per device; the caller commits, then publishes them (so a device's first status report always
-finds its target row). `commands_to_resend` re-issues the command for a device that comes back online while its
-desired bundle is neither installed nor finished, because a command sent while it was away may be lost.
-A device therefore may receive the same deployment more than once and must treat `deployment_id` as idempotent.
+Workflow: `plan_deployment` records a deployment to one device, its target row and the signed `DeployCommand`,
+queued in the outbox (fleet/outbox.py) in the caller's transaction, so the command goes out only once the decision
+is committed (and a device's first status report always finds its target row). A deployment to a group or a tag
+query is a rollout (fleet/rollouts.py; a plain one sends to every device at once). `commands_to_resend` re-issues
+the command for a device that comes back online while its desired bundle is neither installed nor finished,
+because a command sent while it was away may be lost. A device therefore may receive the same deployment more than
+once and must treat `deployment_id` as idempotent.
 
 Every command is logged in the `commands` table first; that row's autoincrement id is the command's `seq`, so
 seq grows across the whole fleet and replicas sharing the database never hand out the same number. With a trust
@@ -19,14 +21,17 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from protocol.messages import BundleRef, DeployCommand, UpdateState
+from typing import TypeVar
 
-from . import crud
+from protocol.messages import BundleRef, CancelCommand, DeployCommand, UpdateState
+
+from . import crud, outbox
 from .errors import DeviceRevokedError, NotFoundError
 from .models import Bundle, Deployment
 from .settings import Settings
 from .trust import trust_for
 
+C = TypeVar("C", DeployCommand, CancelCommand)
 TERMINAL = frozenset(s.value for s in UpdateState if s.terminal)  # target states after which nothing is resent
 
 
@@ -36,44 +41,35 @@ def plan_deployment(
     settings: Settings,
     bundle_name: str,
     version: int,
-    device_id: str | None = None,
-    group: str | None = None,
+    device_id: str,
     now: datetime,
-) -> tuple[Deployment, list[DeployCommand]]:
-    if (device_id is None) == (group is None):
-        raise ValueError("name exactly one of device_id and group")
+) -> Deployment:
+    """Record `bundle_name` v`version` as the device's desired bundle and queue its command in the outbox."""
     bundle = crud.get_bundle(s, name=bundle_name, version=version)
     if bundle is None:
         raise NotFoundError(f"bundle {bundle_name} v{version} is not stored; upload it first (POST /api/v1/bundles)")
-    if device_id is not None:
-        device = crud.get_device(s, device_id=device_id)
-        if device is None:
-            raise NotFoundError(f"device {device_id!r} is not registered; register it (POST /api/v1/devices) or start its agent")
-        if device.revoked_at is not None:
-            raise DeviceRevokedError(f"device {device_id!r} is revoked; reinstate it and enrol it again before deploying to it")
-        kind, value, device_ids = "device", device_id, [device_id]
-    else:
-        assert group is not None
-        members = crud.list_devices(s, group=group)
-        device_ids = [d.id for d in members if d.revoked_at is None]  # a revoked device gets no commands
-        if not device_ids:
-            what = "only revoked devices" if members else "no devices"
-            raise NotFoundError(f"group {group!r} has {what}; register devices with that group (POST /api/v1/devices) or reinstate them")
-        kind, value = "group", group
+    device = crud.get_device(s, device_id=device_id)
+    if device is None:
+        raise NotFoundError(f"device {device_id!r} is not registered; register it (POST /api/v1/devices) or start its agent")
+    if device.revoked_at is not None:
+        raise DeviceRevokedError(f"device {device_id!r} is revoked; reinstate it and enrol it again before deploying to it")
     deployment = crud.create_deployment(
         s,
         deployment_id=uuid.uuid4().hex,
         bundle=bundle,
-        target_kind=kind,
-        target_value=value,
-        device_ids=device_ids,
+        target_kind="device",
+        target_value=device_id,
+        device_ids=[device_id],
         now=now,
     )
-    commands = [
-        deploy_command(s, settings=settings, deployment_id=deployment.id, bundle=bundle, device_id=d, now=now)
-        for d in device_ids
-    ]
-    return deployment, commands
+    for target in deployment.targets:
+        target.prev_name, target.prev_version = device.active_name, device.active_version
+        target.released_at = target.asked_at = now
+        target.attempts = 1
+        command = deploy_command(s, settings=settings, deployment_id=deployment.id, bundle=bundle,
+                                 device_id=device_id, now=now)
+        outbox.enqueue(s, command, now=now)
+    return deployment
 
 
 def commands_to_resend(s: Session, *, settings: Settings, device_id: str, now: datetime) -> list[DeployCommand]:
@@ -92,6 +88,7 @@ def commands_to_resend(s: Session, *, settings: Settings, device_id: str, now: d
     bundle = crud.get_bundle(s, name=deployment.bundle_name, version=deployment.bundle_version)
     if bundle is None:
         return []
+    target.asked_at, target.attempts = now, target.attempts + 1
     return [deploy_command(s, settings=settings, deployment_id=deployment.id, bundle=bundle, device_id=device_id, now=now)]
 
 
@@ -114,5 +111,10 @@ def deploy_command(
             size=bundle.size,
         ),
     )
+    return sign(settings, cmd)
+
+
+def sign(settings: Settings, cmd: C) -> C:
+    """The command signed with the fleet's command key under the current root; unsigned without a trust folder."""
     trust = trust_for(settings)
     return trust.sign(cmd) if trust is not None else cmd

@@ -74,3 +74,15 @@ class BrokerAccountsError(FleetError):
     """The MQTT broker did not take the account change (mosquitto dynamic security); retry the request."""
 
     code = "broker_accounts"
+
+
+class GateError(FleetError):
+    """A bundle misses a rollout's quality gate (its eval metrics, or the bundle it replaces)."""
+
+    code = "gate_failed"
+
+
+class RolloutStateError(ConflictError):
+    """A rollout cannot take that step from the state it is in (e.g. resume a finished rollout)."""
+
+    code = "rollout_state"

@@ -15,8 +15,13 @@ database) is logged on one line (topic and error, both cut short; never the payl
 paho's network thread must outlive any payload. Valid ones are written in one transaction each through
 `fleet.crud`; a status report or telemetry sample already stored (same message_id: a QoS 1 redelivery, or a
 sample the device's outbox sent again) is skipped. A device that comes online gets its unfinished deploy command
-again (see `fleet.deployments.commands_to_resend`). `publish_deploy` sends a `DeployCommand` at QoS 1, not
-retained, to `protocol.topics.cmd(device_id)`; paho queues it while the broker is away.
+again (see `fleet.deployments.commands_to_resend`) and joins the newest rollout that targets it but does not list
+it yet (`fleet.rollouts.adopt_device`); those commands go into the outbox in the same transaction. After each
+commit `on_stored(kind)` tells the app (which pokes the outbox publisher and the rollout reconciler).
+
+Commands leave only through the outbox publisher (fleet/outbox.py), which calls `publish_raw` (QoS 1, not
+retained) and hears of each PUBACK through `on_published`; `generation` grows on every connection, so the
+publisher knows to send again what the broker never acknowledged.
 
 Broker URLs (`protocol.topics.BrokerAddress`): `mqtt://host:port` speaks MQTT 3.1.1 (amqtt, the embedded broker,
 knows only that), `mqtt5://host:port` MQTT 5; `mqtts://` and `mqtt5s://` add TLS (`broker_ca_file`, or the system's
@@ -38,10 +43,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from mqttlink import ClientOptions, Watch, connect, make_client
 from protocol import topics
 from protocol.errors import MessageError, TopicError, clip, one_line
-from protocol.messages import DeployCommand, Presence, StatusReport, Telemetry, encode, parse_message
+from protocol.messages import Presence, StatusReport, Telemetry, parse_message
 
 from . import crud
+from . import outbox
 from .deployments import commands_to_resend
+from .rollouts import adopt_device
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ SUBSCRIBED = {
     topics.Channel.PRESENCE: Presence,
 }
 FILTERS = [topics.Topic.wildcard(ch) for ch in SUBSCRIBED]  # what the fleet subscribes to, at QoS 1
+MAX_INFLIGHT = 1000  # QoS 1 commands paho sends before their PUBACKs (its default of 20 throttles a rollout)
 
 
 class FleetMessaging:
@@ -82,11 +90,16 @@ class FleetMessaging:
         self._subscribed = threading.Event()
         self._sub_mid: int | None = None
         self._watch = Watch(log, self.opts)
+        self.generation = 0  # grows each time the subscriptions are in place on a new connection
+        self.on_published: Callable[[int], None] = lambda mid: None  # paho's thread: PUBACK for `mid`
+        self.on_stored: Callable[[str], None] = lambda kind: None  # after a message's transaction committed
         client = make_client(self.opts)
+        client.max_inflight_messages_set(MAX_INFLIGHT)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         self.client = client
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
@@ -110,10 +123,13 @@ class FleetMessaging:
 
     # ---- outbound ---------------------------------------------------------------------------------------------
 
-    def publish_deploy(self, command: DeployCommand) -> None:
-        info = self.client.publish(str(topics.cmd(command.device_id)), encode(command), qos=1, retain=False)
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            log.error("deploy command %s to %s not queued: %s", command.message_id, command.device_id, mqtt.error_string(info.rc))
+    def publish_raw(self, topic: str, payload: bytes) -> int | None:
+        """Queue one command at QoS 1; its paho message id, or None if paho refused it (not connected)."""
+        info = self.client.publish(topic, payload, qos=1, retain=False)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            log.warning("command to %s not queued: %s", clip(topic, 160), mqtt.error_string(info.rc))
+            return None
+        return info.mid
 
     # ---- inbound ----------------------------------------------------------------------------------------------
 
@@ -141,7 +157,6 @@ class FleetMessaging:
 
     def _store(self, msg: StatusReport | Telemetry | Presence) -> None:
         now = self.clock()
-        resend: list[DeployCommand] = []
         with self.sessions() as s, s.begin():
             if isinstance(msg, StatusReport):
                 if crud.record_status(s, msg=msg, now=now) is None:
@@ -152,10 +167,14 @@ class FleetMessaging:
             else:
                 crud.record_presence(s, msg=msg, now=now)
                 if msg.online:
-                    resend = commands_to_resend(s, settings=self.settings, device_id=msg.device_id, now=now)
-        for command in resend:
-            log.info("device %s is back; sending deployment %s again", command.device_id, command.deployment_id)
-            self.publish_deploy(command)
+                    for command in commands_to_resend(s, settings=self.settings, device_id=msg.device_id, now=now):
+                        log.info("device %s is back; sending deployment %s again", command.device_id,
+                                 command.deployment_id)
+                        outbox.enqueue(s, command, now=now)
+                    joined = adopt_device(s, device_id=msg.device_id, settings=self.settings, now=now)
+                    if joined is not None:
+                        log.info("device %s joins rollout %s", msg.device_id, joined)
+        self.on_stored(msg.kind)
 
     # ---- paho callbacks (network thread) ---------------------------------------------------------------------
 
@@ -169,12 +188,16 @@ class FleetMessaging:
         if mid != self._sub_mid:
             return
         if self._watch.suback_ok(FILTERS, reasons):
+            self.generation += 1
             self._subscribed.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._subscribed.clear()
         if reason.is_failure:
             log.warning("lost the MQTT broker %s:%s (%s); reconnecting", self.host, self.port, reason)
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
+        self.on_published(mid)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         try:

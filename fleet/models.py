@@ -6,6 +6,10 @@
     deployments         an operator's request: this bundle to that device or group
     deployment_targets  each target device's desired bundle and the last state it reported for it
     commands            every deploy command sent; its autoincrement id is the command's `seq`
+    rollouts            a deployment sent in waves: strategy, gate, state (fleet/rollouts.py); id == deployment id
+    rollout_waves       each wave's planned size and state
+    device_tags         key=value tags that target queries select devices by
+    outbox              signed commands waiting for the one publisher (fleet/outbox.py); sent_at set on PUBACK
     status_reports      append-only history of what devices reported (deduplicated by message_id)
     telemetry_samples   numeric health samples (deduplicated by message_id)
     api_tokens          bearer tokens of the HTTP API with their role (stored as sha256 hashes only)
@@ -20,7 +24,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, LargeBinary, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 PENDING = "pending"  # a deployment target's state before the device reports anything
@@ -63,10 +67,15 @@ class Device(Base):
     groups: Mapped[list[DeviceGroup]] = relationship(
         back_populates="device", cascade="all, delete-orphan", order_by="DeviceGroup.group"
     )
+    tags: Mapped[list[DeviceTag]] = relationship(cascade="all, delete-orphan", order_by="DeviceTag.key")
 
     @property
     def group_names(self) -> list[str]:
         return [g.group for g in self.groups]
+
+    @property
+    def tag_map(self) -> dict[str, str]:
+        return {t.key: t.value for t in self.tags}
 
 
 class DeviceGroup(Base):
@@ -125,8 +134,72 @@ class DeploymentTarget(Base):
     last_seq: Mapped[int] = mapped_column(default=-1)  # seq of the report that set `state`; older ones are ignored
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    wave: Mapped[int | None]  # rollouts: the wave this device belongs to; None for a plain deployment
+    released_at: Mapped[datetime | None]  # when its first command was queued; None: its wave has not reached it yet
+    asked_at: Mapped[datetime | None]  # when a command was last queued for it (first or repeated)
+    attempts: Mapped[int] = mapped_column(default=0)  # commands queued for it
+    timed_out_at: Mapped[datetime | None]  # set once it passed the rollout's device timeout without finishing
+    prev_name: Mapped[str | None] = mapped_column(String(64))  # what it served when released: the rollback target
+    prev_version: Mapped[int | None]
+    eval_metric: Mapped[str | None] = mapped_column(String(64))  # the score the device measured on the bundle's
+    eval_score: Mapped[float | None]  # own held-out set in its health check (aggregate only)
+    eval_n: Mapped[int | None]
 
     deployment: Mapped[Deployment] = relationship(back_populates="targets")
+
+
+class Rollout(Base):
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # running|paused|succeeded|aborted|cancelled|superseded
+    reason: Mapped[str] = mapped_column(Text, default="")  # the last transition, in words
+    query: Mapped[str] = mapped_column(String(600))  # the target query ("group=lab", "site=berlin,tier=a")
+    strategy: Mapped[dict[str, Any]] = mapped_column(JSON)  # fleet.strategy.Strategy
+    gate: Mapped[dict[str, Any]] = mapped_column(JSON)  # fleet.strategy.Gate
+    current_wave: Mapped[int] = mapped_column(default=0)  # the newest wave started
+    created_by: Mapped[str] = mapped_column(String(160), default="")
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    deployment: Mapped[Deployment] = relationship()
+    waves: Mapped[list[RolloutWave]] = relationship(
+        back_populates="rollout", cascade="all, delete-orphan", order_by="RolloutWave.index"
+    )
+
+
+class RolloutWave(Base):
+    __tablename__ = "rollout_waves"
+
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(32))
+    size: Mapped[int]
+    state: Mapped[str] = mapped_column(String(16))  # waiting | running | succeeded | failed
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    rollout: Mapped[Rollout] = relationship(back_populates="waves")
+
+
+class DeviceTag(Base):
+    __tablename__ = "device_tags"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[str] = mapped_column(String(64), index=True)
+
+
+class OutboxMessage(Base):
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_unsent", "sent_at", "id"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(128))
+    topic: Mapped[str] = mapped_column(String(256))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None]  # when the broker acknowledged it (QoS 1 PUBACK); None: still to send
 
 
 class Command(Base):

@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr = SecretStr("")  # bootstrap admin API token (>= 32 chars); env SLMOPS_FLEET_ADMIN_TOKEN
     broker_password: SecretStr = SecretStr("")  # the fleet's own MQTT password (username "fleet")
     demo: bool = False  # generate missing secrets, allow no trusted key: only `slmops demo` and tests set it
+    rollout_tick_s: float = Field(default=5.0, gt=0, le=3600)  # seconds between two visits of every live rollout
     metrics_public: bool = False  # /metrics without a token (a scraper on a private network); else viewer role
 
     @model_validator(mode="after")

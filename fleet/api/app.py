@@ -6,7 +6,7 @@ key, an empty, short or default secret) with a ConfigError, outside demo mode.
 Lifespan: open the database (creating tables), start the embedded MQTT broker unless `broker_url` names one
 (with TLS when `embedded_broker_tls_cert_file` is set),
 connect messaging and wait briefly for its subscriptions (the app serves even while the broker is away; paho keeps
-retrying), load the trust folder (`settings.trust_dir`: its bundles role keys uploads) or the trusted keys. On shutdown everything stops in reverse order.
+retrying), start the outbox publisher (fleet/outbox.py) and the rollout reconciler (fleet/rollouts.py), load the trust folder (`settings.trust_dir`: its bundles role keys uploads) or the trusted keys. On shutdown everything stops in reverse order.
 
 The embedded broker admits only clients its `fleet.acl.Authenticator` knows: the one given to `create_app` (or
 set on `app.state.authenticator` before start-up), else `fleet.auth.DbAuthenticator`: the fleet's own account
@@ -51,10 +51,12 @@ from ..errors import (
     UnauthenticatedError,
 )
 from ..messaging import FleetMessaging
+from ..outbox import OutboxPublisher
+from ..rollouts import Reconciler
 from ..settings import Settings
 from .deps import Fleet
 from ..trust import trust_for
-from .routes import audit, bundles, deployments, devices, enrolment, health, metrics, tokens, trust
+from .routes import audit, bundles, deployments, devices, enrolment, groups, health, metrics, rollouts, tokens, trust
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +112,26 @@ def create_app(
                 broker_accounts = DynsecAccounts.from_settings(settings)
                 stack.callback(broker_accounts.close)
             messaging = FleetMessaging(settings, db.sessions)
+            publisher = OutboxPublisher(db.sessions, messaging)
+            reconciler = Reconciler(db.sessions, settings, on_commands=publisher.poke, tick_s=settings.rollout_tick_s)
+            messaging.on_published = publisher.on_published
+            messaging.on_stored = lambda kind: reconciler.poke() if kind != "telemetry" else None
             messaging.start()
             stack.callback(messaging.stop)
+            publisher.start()
+            stack.callback(publisher.stop)
+            reconciler.start()
+            stack.callback(reconciler.stop)
+            reconciler.poke()  # rollouts a stopped fleet left running continue at once
             if not await run_in_threadpool(messaging.wait_connected, CONNECT_WAIT_S):
                 log.warning("MQTT broker %s not reachable yet; still trying", settings.effective_broker_url)
             app.state.fleet = Fleet(settings=settings, db=db, store=store, messaging=messaging, keyring=keyring,
-                                    limiter=limiter, accounts=broker_accounts)
+                                    limiter=limiter, accounts=broker_accounts, publisher=publisher,
+                                    reconciler=reconciler)
             yield
 
     app = FastAPI(title="slmops fleet", version="1", lifespan=lifespan)
-    for module in (devices, bundles, deployments, tokens, enrolment, audit, trust, health, metrics):
+    for module in (devices, groups, bundles, deployments, rollouts, tokens, enrolment, audit, trust, health, metrics):
         app.include_router(module.router)
 
     @app.exception_handler(SlmopsError)

@@ -35,6 +35,8 @@ from ..bundles import BundleStore
 from ..db import Database
 from ..errors import UnauthenticatedError
 from ..messaging import FleetMessaging
+from ..outbox import OutboxPublisher
+from ..rollouts import Reconciler
 from ..settings import Settings
 from ..trust import trust_for
 
@@ -51,6 +53,15 @@ class Fleet:
     keyring: Keyring | None  # None: uploads need a signature, but from any key
     limiter: FailureLimiter
     accounts: BrokerAccounts | None = None  # the broker's account list, where it keeps one (mosquitto dynsec)
+    publisher: OutboxPublisher | None = None  # sends the outbox's commands
+    reconciler: Reconciler | None = None  # advances rollouts
+
+    def commands_queued(self) -> None:
+        """A transaction that queued commands (or changed a rollout) committed: act on it now."""
+        if self.reconciler is not None:
+            self.reconciler.poke()
+        if self.publisher is not None:
+            self.publisher.poke()
 
     def upload_keyring(self) -> Keyring | None:
         """The keys an upload must be signed by now: with a trust folder, its current root's bundles role (so a

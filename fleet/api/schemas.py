@@ -15,7 +15,8 @@ from protocol.topics import check_device_id
 
 from ..crud import state_counts
 from ..auth import MAX_ENROL_TTL, MAX_TOKEN_CHARS, Role, check_enrol_device_id, check_token_name
-from ..models import ApiToken, Bundle, Deployment, DeploymentTarget, Device, EnrolmentToken, StatusReportRow
+from ..models import ApiToken, Bundle, Deployment, DeploymentTarget, Device, EnrolmentToken, Rollout, StatusReportRow
+from ..strategy import TAG_KEY_RE, TAG_VALUE_RE, Gate, Strategy, TargetQuery
 
 GROUP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always with fullmatch: `$` lets "x\n" through
 
@@ -57,6 +58,7 @@ class DevicePublic(BaseModel):
     agent_version: str
     active: ActiveModel | None
     groups: list[str]
+    tags: dict[str, str] = Field(default_factory=dict)
     revoked_at: datetime | None = None
     enrolled: bool = Field(default=False, description="the device holds broker credentials from enrolment")
 
@@ -73,6 +75,7 @@ class DevicePublic(BaseModel):
             agent_version=d.agent_version,
             active=active,
             groups=d.group_names,
+            tags=d.tag_map,
             revoked_at=d.revoked_at,
             enrolled=d.broker_secret_hash is not None,
         )
@@ -330,3 +333,112 @@ class AuditPublic(BaseModel):
     action: str
     target: str
     detail: str
+
+
+# ---- rollouts -----------------------------------------------------------------------------------------------
+
+
+class BundleKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: BundleName
+    version: Version
+
+
+class RolloutTarget(BaseModel):
+    """A group, or a tag query ("site=berlin,tier=a"; the key `group` means membership)."""
+
+    model_config = ConfigDict(extra="forbid")
+    group: str | None = None
+    query: str | None = Field(default=None, max_length=600)
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v: str | None) -> str | None:
+        return None if v is None else check_group(v)
+
+    @model_validator(mode="after")
+    def _one(self) -> "RolloutTarget":
+        if (self.group is None) == (self.query is None):
+            raise ValueError("give exactly one of group and query")
+        TargetQuery.parse(self.query) if self.query is not None else None
+        return self
+
+    def parsed(self) -> TargetQuery:
+        return TargetQuery.group(self.group) if self.group is not None else TargetQuery.parse(self.query or "")
+
+
+class RolloutCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bundle: BundleKey
+    target: RolloutTarget
+    strategy: Strategy = Strategy()
+    gate: Gate = Gate()
+
+
+class RolloutControl(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rollback: bool = False  # cancel: send the devices this rollout updated back to the bundle they had
+
+
+class WavePublic(BaseModel):
+    index: int
+    name: str
+    state: str
+    size: int
+    started_at: datetime | None
+    finished_at: datetime | None
+    counts: dict[str, int]
+    score: dict[str, Any] | None
+
+
+class RolloutPublic(BaseModel):
+    id: str
+    state: str
+    reason: str
+    bundle: dict[str, Any]
+    target: dict[str, str]
+    strategy: dict[str, Any]
+    gate: dict[str, Any]
+    current_wave: int
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    waves: list[WavePublic]
+    counts: dict[str, int]
+
+    @classmethod
+    def of(cls, r: Rollout) -> "RolloutPublic":
+        from ..rollouts import counts, wave_score
+
+        return cls(
+            id=r.id, state=r.state, reason=r.reason,
+            bundle={"name": r.deployment.bundle_name, "version": r.deployment.bundle_version},
+            target={"query": r.query}, strategy=r.strategy, gate=r.gate, current_wave=r.current_wave,
+            created_by=r.created_by, created_at=r.created_at, updated_at=r.updated_at,
+            waves=[WavePublic(index=w.index, name=w.name, state=w.state, size=w.size, started_at=w.started_at,
+                              finished_at=w.finished_at, counts=counts(r, w.index), score=wave_score(r, w.index))
+                   for w in r.waves],
+            counts=counts(r),
+        )  # fmt: skip
+
+
+class RolloutList(BaseModel):
+    rollouts: list[RolloutPublic]
+
+
+class TagsUpdate(BaseModel):
+    """Tags to set (a value) or remove (null) on a device."""
+
+    model_config = ConfigDict(extra="forbid")
+    tags: dict[str, str | None] = Field(max_length=32)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: dict[str, str | None]) -> dict[str, str | None]:
+        for key, value in v.items():
+            if not TAG_KEY_RE.fullmatch(key) or key == "group":
+                raise ValueError(f"tag key {clip(key)} is not valid: 1-32 of a-z, 0-9, '.', '_', '-' starting with a "
+                                 "letter, and not 'group'")
+            if value is not None and not TAG_VALUE_RE.fullmatch(value):
+                raise ValueError(f"tag value {clip(value)} is not valid: 1-64 letters, digits, '.', '_', '-'")
+        return v

@@ -40,6 +40,9 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+VOLATILE = {("api_tokens", "last_used_at"), ("outbox", "sent_at")}
+
+
 @dataclass
 class World:
     """A fleet with two enrolled-by-token devices, tiny v1 deployed to dev-a only, and one token per role."""
@@ -47,16 +50,18 @@ class World:
     client: TestClient
     headers: dict[str, dict[str, str]]
     deployment_id: str
+    rollout_id: str
     spare_token_id: int
     v3: bytes
     tokens: dict[str, str] = field(default_factory=dict)
 
     def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
-        """Every row of every table (but a token's last_used_at, which a refused request may touch)."""
+        """Every row of every table (but a token's last_used_at, which a refused request may touch, and when the
+        broker acknowledged a queued command, which the outbox publisher sets in the background)."""
         out = {}
         with self.client.app.state.fleet.db.sessions() as s:
             for table in Base.metadata.sorted_tables:
-                cols = [c for c in table.columns if c.name != "last_used_at"]
+                cols = [c for c in table.columns if (table.name, c.name) not in VOLATILE]
                 out[table.name] = sorted(map(tuple, s.execute(select(*cols)).all()), key=repr)
         return out
 
@@ -85,7 +90,12 @@ def world(client: TestClient, make_bundle) -> World:
     }
     spare, _ = make_token(client, "spare", "viewer")
     headers = {role: bearer(t) for role, t in tokens.items()} | {"anonymous": {"Authorization": ""}}
-    return World(client, headers, dep.json()["id"], spare, make_bundle("tiny", 3).read_bytes(), tokens)
+    assert client.patch("/api/v1/devices/dev-b/tags", json={"tags": {"site": "x"}}).status_code == 200
+    assert client.post("/api/v1/bundles", content=make_bundle("other", 1).read_bytes()).status_code == 201
+    ro = client.post("/api/v1/rollouts", json={"bundle": {"name": "other", "version": 1}, "target": {"query": "site=x"},
+                                               "strategy": {"rollback_on_abort": False}})
+    assert ro.status_code == 201, ro.text
+    return World(client, headers, dep.json()["id"], ro.json()["id"], spare, make_bundle("tiny", 3).read_bytes(), tokens)
 
 
 # (id, method, path, request kwargs, roles allowed, statuses an allowed role gets)
@@ -110,6 +120,16 @@ ROUTES: list[tuple[str, str, str, dict[str, Any], set[str], set[int]]] = [
     ("list deployments", "GET", "/api/v1/deployments", {}, READ, {200}),
     ("show deployment", "GET", "/api/v1/deployments/{deployment}", {}, READ, {200}),
     ("create deployment", "POST", "/api/v1/deployments", {"json": {"bundle": "tiny", "version": 2, "device_id": "dev-b"}}, OPERATE, {201}),
+    ("tag device", "PATCH", "/api/v1/devices/dev-a/tags", {"json": {"tags": {"site": "b1"}}}, OPERATE, {200}),
+    ("list groups", "GET", "/api/v1/groups", {}, READ, {200}),
+    ("list rollouts", "GET", "/api/v1/rollouts", {}, READ, {200}),
+    ("show rollout", "GET", "/api/v1/rollouts/{rollout}", {}, READ, {200}),
+    ("create rollout", "POST", "/api/v1/rollouts",
+     {"json": {"bundle": {"name": "tiny", "version": 1}, "target": {"query": "group=lab"}, "gate": {"no_regression": False}}},
+     OPERATE, {201}),
+    ("pause rollout", "POST", "/api/v1/rollouts/{rollout}/pause", {}, OPERATE, {200, 409}),
+    ("resume rollout", "POST", "/api/v1/rollouts/{rollout}/resume", {}, OPERATE, {200, 409}),
+    ("cancel rollout", "POST", "/api/v1/rollouts/{rollout}/cancel", {}, OPERATE, {200, 409}),
     ("create token", "POST", "/api/v1/tokens", {"json": {"name": "new", "role": "viewer"}}, ADMIN_ONLY, {201}),
     ("list tokens", "GET", "/api/v1/tokens", {}, ADMIN_ONLY, {200}),
     ("revoke token", "POST", "/api/v1/tokens/{spare}/revoke", {}, ADMIN_ONLY, {200}),
@@ -122,7 +142,7 @@ OPEN_ROUTES = {("POST", "/api/v1/enrol")}  # carries its own one-time token; tes
 
 @pytest.mark.parametrize("case, method, path, kwargs, allowed, ok", ROUTES, ids=[r[0] for r in ROUTES])
 def test_each_role_is_refused_what_it_may_not_do(world: World, case, method, path, kwargs, allowed, ok) -> None:
-    path = path.format(deployment=world.deployment_id, spare=world.spare_token_id)
+    path = path.format(deployment=world.deployment_id, spare=world.spare_token_id, rollout=world.rollout_id)
     if kwargs.get("content") == "V3":
         kwargs = {"content": world.v3}
     for role in ROLES:  # refusals first, so the database they see is the one the table describes
@@ -145,7 +165,8 @@ def test_each_role_is_refused_what_it_may_not_do(world: World, case, method, pat
 
 def test_the_table_covers_every_route(client: TestClient) -> None:
     """A route added without a row here fails: whoever adds it says which roles may use it."""
-    rows = {(m, p.replace("{deployment}", "{deployment_id}").replace("{spare}", "{token_id}")) for _, m, p, *_ in ROUTES}
+    rows = {(m, p.replace("{deployment}", "{deployment_id}").replace("{spare}", "{token_id}")
+             .replace("{rollout}", "{rollout_id}")) for _, m, p, *_ in ROUTES}
     for path, ops in client.get("/openapi.json").json()["paths"].items():
         for method in ops:
             key = (method.upper(), path)

@@ -11,6 +11,11 @@ import pytest
 from fleet import crud
 from fleet.db import open_database
 from fleet.deployments import plan_deployment
+from fleet.models import OutboxMessage
+from sqlalchemy import select
+from fleet.rollouts import RolloutSpec, create_rollout
+from fleet.strategy import Gate, Strategy, TargetQuery
+from protocol.messages import parse_message
 from fleet.models import Bundle
 from fleet.settings import Settings
 from protocol.errors import ConfigError
@@ -63,8 +68,10 @@ def test_timestamps_come_back_as_utc_and_newest_deployment_is_desired(tmp_path: 
             crud.register_device(s, device_id="dev", groups=["g"], now=local)
             _bundle(s, 1)
             _bundle(s, 2)
-            first, _ = plan_deployment(s, settings=settings, bundle_name="tiny", version=2, device_id="dev", now=NOW)
-            second, _ = plan_deployment(s, settings=settings, bundle_name="tiny", version=1, group="g", now=NOW)
+            first = plan_deployment(s, settings=settings, bundle_name="tiny", version=2, device_id="dev", now=NOW)
+            spec = RolloutSpec(bundle_name="tiny", bundle_version=1, query=TargetQuery.group("g"),
+                               strategy=Strategy.immediate(), gate=Gate(no_regression=False))
+            second = create_rollout(s, spec, settings=settings, actor="test", now=NOW).deployment
         with db.sessions() as s:
             device = crud.get_device(s, device_id="dev")
             assert device is not None and device.registered_at == datetime(2026, 1, 1, 10, tzinfo=timezone.utc)
@@ -86,8 +93,11 @@ def test_command_seq_grows_across_replicas_sharing_the_database(tmp_path: Path) 
         seqs = []
         for db in (replica_a, replica_b, replica_a, replica_b):
             with db.sessions() as s, s.begin():
-                _, commands = plan_deployment(s, settings=settings, bundle_name="tiny", version=1, device_id="dev", now=NOW)
-            seqs.append(commands[0].seq)
+                plan_deployment(s, settings=settings, bundle_name="tiny", version=1, device_id="dev", now=NOW)
+            with db.sessions() as s:
+                payload = s.scalars(select(OutboxMessage.payload).order_by(OutboxMessage.id.desc())).first()
+            assert payload is not None
+            seqs.append(parse_message(payload).seq)
         assert seqs == sorted(seqs) and len(set(seqs)) == 4
     finally:
         replica_a.close()

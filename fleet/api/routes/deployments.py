@@ -1,7 +1,8 @@
 """Deployments: ask for a bundle on a device or a group, then follow each device's state.
 
-POST records every target device's desired bundle and commits, then publishes one DeployCommand per device
-(see `fleet.deployments`); each target's state then follows the devices' status reports.
+POST to a device records its desired bundle and queues one DeployCommand in the outbox (see `fleet.deployments`);
+POST to a group starts a plain rollout (fleet/rollouts.py: every device at once, no canary, never aborted), so a
+device that joins the group later gets the bundle too. Each target's state then follows the devices' reports.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from fastapi import APIRouter, status
 
 from ... import auth, crud
 from ...deployments import plan_deployment
+from ...rollouts import RolloutSpec, create_rollout
+from ...strategy import Gate, Strategy, TargetQuery
 from ...errors import NotFoundError
 from ..deps import FleetDep, Operator, Reader, SessionDep
 from ..schemas import DeploymentCreate, DeploymentPublic
@@ -23,21 +26,20 @@ router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"])
 def create_deployment(body: DeploymentCreate, s: SessionDep, fleet: FleetDep, caller: Operator) -> DeploymentPublic:
     now = datetime.now(timezone.utc)
     with s.begin():
-        deployment, commands = plan_deployment(
-            s,
-            settings=fleet.settings,
-            bundle_name=body.bundle,
-            version=body.version,
-            device_id=body.device_id,
-            group=body.group,
-            now=now,
-        )
-        target = f"device={body.device_id}" if body.device_id is not None else f"group={body.group}"
+        if body.device_id is not None:
+            deployment = plan_deployment(s, settings=fleet.settings, bundle_name=body.bundle, version=body.version,
+                                         device_id=body.device_id, now=now)
+            target = f"device={body.device_id}"
+        else:
+            assert body.group is not None
+            spec = RolloutSpec(bundle_name=body.bundle, bundle_version=body.version, query=TargetQuery.group(body.group),
+                               strategy=Strategy.immediate(), gate=Gate(no_regression=False))
+            deployment = create_rollout(s, spec, settings=fleet.settings, actor=caller.name, now=now).deployment
+            target = f"group={body.group}"
         auth.audit(s, actor=caller.name, action="deployment.created", target=f"deployment:{deployment.id}",
-                   detail=f"{body.bundle} v{body.version} {target} devices={len(commands)}", now=now)  # fmt: skip
+                   detail=f"{body.bundle} v{body.version} {target} devices={len(deployment.targets)}", now=now)  # fmt: skip
         out = DeploymentPublic.of(deployment)
-    for command in commands:
-        fleet.messaging.publish_deploy(command)
+    fleet.commands_queued()
     return out
 
 

@@ -1,5 +1,6 @@
-"""Devices: register one (with its groups), list them, show one with its desired bundle and status history, and
-revoke or reinstate one.
+"""Devices: register one (with its groups), tag one, list them, show one with its desired bundle and status
+history, and revoke or reinstate one. A registration or a tag change that brings a device into a running or
+finished rollout's target gives it that rollout's bundle (`fleet.rollouts.adopt_device`).
 
 Revoke workflow: in one transaction the device is stamped `revoked_at`, its API tokens are revoked and its broker
 secret cleared (the embedded broker asks the database, so it refuses the device from then on); after the commit
@@ -15,23 +16,42 @@ from fastapi import APIRouter, Response, status
 
 from ... import auth, crud
 from ...errors import BrokerAccountsError, NotFoundError
-from ..deps import Admin, FleetDep, Reader, SessionDep
-from ..schemas import DeviceCreate, DeviceDetail, DevicePublic
+from ...rollouts import adopt_device
+from ..deps import Admin, FleetDep, Operator, Reader, SessionDep
+from ..schemas import DeviceCreate, DeviceDetail, DevicePublic, TagsUpdate
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
 
 @router.post("", response_model=DevicePublic, status_code=status.HTTP_201_CREATED)
-def register_device(body: DeviceCreate, s: SessionDep, response: Response, caller: Admin) -> DevicePublic:
+def register_device(body: DeviceCreate, s: SessionDep, response: Response, fleet: FleetDep, caller: Admin) -> DevicePublic:
     """Create a device or update its groups (200 when it existed)."""
     now = datetime.now(timezone.utc)
     with s.begin():
         device, created = crud.register_device(s, device_id=body.id, groups=body.groups, now=now)
         auth.audit(s, actor=caller.name, action="device.registered", target=f"device:{body.id}",
                    detail=f"groups={','.join(device.group_names)} created={created}", now=now)  # fmt: skip
+        adopt_device(s, device_id=body.id, settings=fleet.settings, now=now)
         out = DevicePublic.of(device)
+    fleet.commands_queued()
     if not created:
         response.status_code = status.HTTP_200_OK
+    return out
+
+
+@router.patch("/{device_id}/tags", response_model=DevicePublic)
+def tag_device(device_id: str, body: TagsUpdate, s: SessionDep, fleet: FleetDep, caller: Operator) -> DevicePublic:
+    """Set (a value) or remove (null) tags; target queries of rollouts select devices by them."""
+    now = datetime.now(timezone.utc)
+    with s.begin():
+        if crud.get_device(s, device_id=device_id) is None:
+            raise NotFoundError(f"device {device_id!r} is not registered; see GET /api/v1/devices for the known ones")
+        device = crud.set_tags(s, device_id=device_id, tags=body.tags)
+        auth.audit(s, actor=caller.name, action="device.tagged", target=f"device:{device_id}",
+                   detail=",".join(f"{k}={v}" for k, v in sorted(body.tags.items())), now=now)
+        adopt_device(s, device_id=device_id, settings=fleet.settings, now=now)
+        out = DevicePublic.of(device)
+    fleet.commands_queued()
     return out
 
 

@@ -1,0 +1,481 @@
+"""The rollout engine: one persisted state machine per rollout, advanced by a reconciler that reads the database.
+
+    running ──pause──▶ paused ──resume──▶ running
+    running ──last wave reaches its success threshold──▶ succeeded
+    running ──a wave reaches its success threshold, with pause_between_waves──▶ paused (resume starts the next)
+    running/paused ──a wave's failures pass the error threshold──▶ aborted   (optionally sending devices back)
+    running/paused ──cancel──▶ cancelled          running/paused ──a newer rollout to its devices──▶ superseded
+
+Workflow: `create_rollout` resolves the target query to devices (never revoked ones), checks the bundle against the
+quality gate (its manifest metrics: minimums and no regression against the bundles it replaces), records a
+deployment with one target row per device, each assigned to a wave in a stable shuffled order (`fleet.strategy
+.plan_waves`), starts the first wave and queues its commands in the outbox (`fleet.outbox`), all in the caller's
+transaction. From then on `reconcile(s, rollout_id, ...)` is the only thing that moves it: it marks devices past
+their timeout, asks silent devices again, judges the current wave (`fleet.strategy.judge_wave`) and starts the
+next one, aborts, or finishes, then releases commands for the started waves up to `max_parallel` devices updating
+at once and only inside the maintenance window. Because every decision is a row written in one transaction with
+the commands it causes, a fleet killed at any point continues where it stopped: a device's target is released
+once (`released_at`), so no device is skipped or updated twice.
+
+A device counts as updated when it reported `active` and, where the bundle carries its own held-out evaluation set,
+the score it measured there meets the gate; as failed when it reported `rejected`, `failed` or `rolled_back`,
+scored below the gate, or (with `timeout_as="failed"`) passed its timeout.
+
+`Reconciler` runs `reconcile` for every live rollout on a tick and whenever `poke()` says reports arrived; on
+PostgreSQL each rollout row is locked while one replica reconciles it (SELECT ... FOR UPDATE SKIP LOCKED).
+`adopt_device` gives a device that joined a rollout's target later (new, re-tagged, or back online) the newest
+matching rollout's bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from protocol.errors import one_line
+from protocol.messages import CancelCommand, UpdateState
+
+from . import crud, outbox
+from .deployments import deploy_command, plan_deployment, sign
+from .errors import NotFoundError, RolloutStateError
+from .models import PENDING, Bundle, DeploymentTarget, Device, Rollout, RolloutWave
+from .settings import Settings
+from .strategy import Gate, Strategy, TargetQuery, Verdict, WaveTally, check_bundle_gate, in_window, judge_wave, plan_waves
+
+log = logging.getLogger(__name__)
+
+RUNNING, PAUSED, SUCCEEDED = "running", "paused", "succeeded"
+ABORTED, CANCELLED, SUPERSEDED = "aborted", "cancelled", "superseded"
+LIVE = (RUNNING, PAUSED)
+WAITING, WAVE_RUNNING, WAVE_SUCCEEDED, WAVE_FAILED = "waiting", "running", "succeeded", "failed"
+DROPPED = "cancelled"  # a target never released because its rollout stopped
+OK_STATES = frozenset({UpdateState.ACTIVE.value})
+BAD_STATES = frozenset({UpdateState.REJECTED.value, UpdateState.FAILED.value, UpdateState.ROLLED_BACK.value})
+TERMINAL = OK_STATES | BAD_STATES | {DROPPED}
+COUNT_KEYS = ("pending", "sent", "updating", "succeeded", "failed", "timed_out", "rolled_back", "cancelled")
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    bundle_name: str
+    bundle_version: int
+    query: TargetQuery
+    strategy: Strategy
+    gate: Gate
+
+
+# ---- creating -----------------------------------------------------------------------------------------------
+
+
+def create_rollout(s: Session, spec: RolloutSpec, *, settings: Settings, actor: str, now: datetime,
+                   rollout_id: str | None = None) -> Rollout:
+    bundle = crud.get_bundle(s, name=spec.bundle_name, version=spec.bundle_version)
+    if bundle is None:
+        raise NotFoundError(f"bundle {spec.bundle_name} v{spec.bundle_version} is not stored; upload it first "
+                            "(POST /api/v1/bundles)")
+    devices = [d for d in matching_devices(s, spec.query) if d.revoked_at is None]
+    if not devices:
+        raise NotFoundError(f"no device that is not revoked matches {spec.query}; register devices with their groups "
+                            "(POST /api/v1/devices), tag them (slmops fleet tag DEVICE key=value) or reinstate them")
+    check_bundle_gate(spec.gate, bundle=f"{bundle.name} v{bundle.version}", metrics=_metrics(bundle),
+                      replaced=_replaced_metrics(s, bundle, devices))
+    rid = rollout_id or uuid.uuid4().hex
+    ids = [d.id for d in devices]
+    _supersede(s, set(ids), by=rid, now=now)
+    deployment = crud.create_deployment(s, deployment_id=rid, bundle=bundle, target_kind="query",
+                                        target_value=str(spec.query), device_ids=ids, now=now)
+    gate = spec.gate.model_dump(mode="json")
+    gate["device_metric"] = _device_metric(bundle, spec.gate)
+    rollout = Rollout(id=rid, state=RUNNING, reason="started", query=str(spec.query),
+                      strategy=spec.strategy.model_dump(mode="json"), gate=gate, current_wave=0, created_by=actor,
+                      created_at=now, updated_at=now)
+    plan = plan_waves(len(ids), spec.strategy)
+    rollout.waves = [RolloutWave(index=i, name=name, size=size, state=WAITING) for i, (name, size) in enumerate(plan)]
+    order = sorted(deployment.targets, key=lambda t: hashlib.sha256(f"{rid}/{t.device_id}".encode()).digest())
+    start = 0
+    for i, (_, size) in enumerate(plan):
+        for t in order[start:start + size]:
+            t.wave = i
+        start += size
+    s.add(rollout)
+    s.flush()
+    _start_wave(rollout, 0, now)
+    release(s, rollout, settings=settings, now=now)
+    return rollout
+
+
+def matching_devices(s: Session, query: TargetQuery) -> list[Device]:
+    groups = [v for k, v in query.terms if k == "group"]
+    q = select(Device).options(selectinload(Device.groups), selectinload(Device.tags)).order_by(Device.id)
+    if groups:  # narrow in SQL by the first group; the rest is checked below
+        q = q.where(Device.id.in_(crud.group_member_ids(groups[0])))
+    return [d for d in s.scalars(q) if query.matches(d.group_names, d.tag_map)]
+
+
+def _metrics(bundle: Bundle) -> dict[str, float]:
+    metrics = (bundle.manifest.get("eval") or {}).get("metrics") or {}
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _device_metric(bundle: Bundle, gate: Gate) -> str | None:
+    """The metric devices measure on the bundle's own held-out set, when the bundle carries one."""
+    ev = (bundle.manifest.get("eval") or {}).get("heldout")
+    metric = ev.get("metric") if isinstance(ev, dict) else None
+    return metric if isinstance(metric, str) and metric in gate.min else None
+
+
+def _replaced_metrics(s: Session, bundle: Bundle, devices: Iterable[Device]) -> dict[str, dict[str, float]]:
+    active = {(d.active_name, d.active_version) for d in devices if d.active_name == bundle.name
+              and d.active_version is not None and d.active_version != bundle.version}
+    out: dict[str, dict[str, float]] = {}
+    for name, version in sorted(active, key=lambda nv: (nv[0] or "", nv[1] or 0)):
+        old = crud.get_bundle(s, name=name or "", version=version or 0)
+        if old is not None:
+            out[f"{name} v{version}"] = _metrics(old)
+    return out
+
+
+def _supersede(s: Session, device_ids: set[str], *, by: str, now: datetime) -> None:
+    for old in s.scalars(select(Rollout).where(Rollout.state.in_(LIVE))):
+        if device_ids & {t.device_id for t in old.deployment.targets}:
+            _finish(old, SUPERSEDED, f"superseded by rollout {by}", now)
+            _drop_unreleased(old, now)
+
+
+# ---- operator actions ---------------------------------------------------------------------------------------
+
+
+def get_rollout(s: Session, rollout_id: str, *, lock: bool = False) -> Rollout:
+    q = select(Rollout).where(Rollout.id == rollout_id)
+    if lock and s.get_bind().dialect.name == "postgresql":
+        q = q.with_for_update()
+    rollout = s.scalar(q)
+    if rollout is None:
+        raise NotFoundError(f"rollout {rollout_id!r} does not exist; see GET /api/v1/rollouts")
+    return rollout
+
+
+def pause(s: Session, rollout_id: str, *, now: datetime) -> Rollout:
+    rollout = get_rollout(s, rollout_id, lock=True)
+    if rollout.state != RUNNING:
+        raise RolloutStateError(f"rollout {rollout_id} is {rollout.state}; only a running rollout can be paused")
+    rollout.state, rollout.reason, rollout.updated_at = PAUSED, "paused by an operator", now
+    return rollout
+
+
+def resume(s: Session, rollout_id: str, *, settings: Settings, now: datetime) -> Rollout:
+    rollout = get_rollout(s, rollout_id, lock=True)
+    if rollout.state != PAUSED:
+        raise RolloutStateError(f"rollout {rollout_id} is {rollout.state}; only a paused rollout can be resumed")
+    rollout.state, rollout.reason, rollout.updated_at = RUNNING, "resumed by an operator", now
+    wave = rollout.waves[rollout.current_wave]
+    if wave.state == WAITING:  # paused between waves: resuming starts the next one
+        _start_wave(rollout, wave.index, now)
+    reconcile_rollout(s, rollout, settings=settings, now=now)
+    return rollout
+
+
+def cancel(s: Session, rollout_id: str, *, settings: Settings, now: datetime, rollback: bool = False) -> Rollout:
+    rollout = get_rollout(s, rollout_id, lock=True)
+    if rollout.state not in LIVE:
+        raise RolloutStateError(f"rollout {rollout_id} is {rollout.state}; only a running or paused rollout can be "
+                                "cancelled")
+    _stop(s, rollout, CANCELLED, "cancelled by an operator", settings=settings, now=now, rollback=rollback)
+    return rollout
+
+
+# ---- the reconciler's step ----------------------------------------------------------------------------------
+
+
+def reconcile(s: Session, rollout_id: str, *, settings: Settings, now: datetime) -> Rollout:
+    rollout = get_rollout(s, rollout_id, lock=True)
+    reconcile_rollout(s, rollout, settings=settings, now=now)
+    return rollout
+
+
+def reconcile_rollout(s: Session, rollout: Rollout, *, settings: Settings, now: datetime) -> None:
+    strategy = Strategy.model_validate(rollout.strategy)
+    targets = rollout.deployment.targets
+    _timeouts_and_resends(s, rollout, targets, strategy, settings=settings, now=now)
+    if rollout.state == RUNNING:
+        while True:  # a wave may be judged done at once (empty, or already updated devices)
+            wave = rollout.waves[rollout.current_wave]
+            verdict, why = judge_wave(wave.name, tally(rollout, wave.index, strategy), strategy)
+            if verdict is Verdict.ABORT:
+                wave.state, wave.finished_at = WAVE_FAILED, now
+                _stop(s, rollout, ABORTED, why, settings=settings, now=now, rollback=strategy.rollback_on_abort)
+                return
+            if verdict is Verdict.WAIT:
+                break
+            wave.state, wave.finished_at = WAVE_SUCCEEDED, now
+            if rollout.current_wave + 1 >= len(rollout.waves):
+                _finish(rollout, SUCCEEDED, why, now)
+                break
+            rollout.current_wave += 1
+            nxt = rollout.waves[rollout.current_wave].name
+            if strategy.pause_between_waves:  # an operator looks at the figures, then resumes into the next wave
+                rollout.state, rollout.reason, rollout.updated_at = PAUSED, f"{why}; resume to start {nxt}", now
+                break
+            rollout.reason, rollout.updated_at = f"{why}; starting {nxt}", now
+            _start_wave(rollout, rollout.current_wave, now)
+    if rollout.state in (RUNNING, SUCCEEDED):
+        release(s, rollout, settings=settings, now=now)
+
+
+def release(s: Session, rollout: Rollout, *, settings: Settings, now: datetime) -> int:
+    """Queue first commands for started waves' devices, keeping at most `max_parallel` updating; returns how many."""
+    strategy = Strategy.model_validate(rollout.strategy)
+    if not in_window(strategy.window, now.time()):
+        return 0
+    targets = rollout.deployment.targets
+    busy = sum(1 for t in targets if t.released_at is not None and t.state not in TERMINAL and t.timed_out_at is None)
+    room = strategy.max_parallel - busy
+    if room <= 0:
+        return 0
+    started = rollout.current_wave if rollout.state == RUNNING else len(rollout.waves) - 1
+    waiting = [t for t in targets if t.released_at is None and t.state == PENDING and t.wave is not None
+               and t.wave <= started]
+    waiting.sort(key=lambda t: (t.wave or 0, t.id))
+    bundle = crud.get_bundle(s, name=rollout.deployment.bundle_name, version=rollout.deployment.bundle_version)
+    if bundle is None:
+        return 0
+    devices = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_([t.device_id for t in waiting[:room]])))}
+    n = 0
+    for t in waiting[:room]:
+        device = devices.get(t.device_id)
+        if device is None or device.revoked_at is not None:
+            t.state, t.detail, t.updated_at = DROPPED, "revoked before its wave", now
+            continue
+        t.prev_name, t.prev_version = device.active_name, device.active_version
+        _ask(s, t, bundle, settings=settings, now=now)
+        t.released_at = now
+        n += 1
+    return n
+
+
+def _ask(s: Session, t: DeploymentTarget, bundle: Bundle, *, settings: Settings, now: datetime) -> None:
+    command = deploy_command(s, settings=settings, deployment_id=t.deployment_id, bundle=bundle,
+                             device_id=t.device_id, now=now)
+    outbox.enqueue(s, command, now=now)
+    t.asked_at, t.attempts = now, t.attempts + 1
+
+
+def _timeouts_and_resends(s: Session, rollout: Rollout, targets: list[DeploymentTarget], strategy: Strategy, *,
+                          settings: Settings, now: datetime) -> None:
+    if rollout.state not in (RUNNING, PAUSED, SUCCEEDED):
+        return
+    timeout = timedelta(seconds=strategy.device_timeout_s)
+    resend = timedelta(seconds=strategy.resend_after_s)
+    silent = [t for t in targets if t.released_at is not None and t.state not in TERMINAL]
+    if not silent:
+        return
+    online = set(s.scalars(select(Device.id).where(Device.id.in_([t.device_id for t in silent]),
+                                                   Device.online.is_(True))))
+    bundle = None
+    for t in silent:
+        if t.timed_out_at is None and now - t.released_at >= timeout:  # type: ignore[operator]
+            t.timed_out_at = now
+            log.info("rollout %s: device %s passed its %d s timeout (%s)", rollout.id, t.device_id,
+                     strategy.device_timeout_s, strategy.timeout_as)
+        if t.timed_out_at is not None and strategy.timeout_as == "failed":
+            continue
+        last = max(x for x in (t.asked_at, t.updated_at, t.released_at) if x is not None)
+        if t.device_id in online and now - last >= resend:
+            bundle = bundle or crud.get_bundle(s, name=rollout.deployment.bundle_name,
+                                               version=rollout.deployment.bundle_version)
+            if bundle is not None:
+                log.info("rollout %s: device %s silent for %d s; asking again", rollout.id, t.device_id,
+                         (now - last).total_seconds())
+                _ask(s, t, bundle, settings=settings, now=now)
+
+
+def tally(rollout: Rollout, wave: int, strategy: Strategy) -> WaveTally:
+    c = Counter(target_status(t, rollout) for t in rollout.deployment.targets if t.wave == wave)
+    bad = c["failed"] + c["rolled_back"] + (c["timed_out"] if strategy.timeout_as == "failed" else 0)
+    return WaveTally(size=sum(c.values()) - c["cancelled"], ok=c["succeeded"], bad=bad)
+
+
+def target_status(t: DeploymentTarget, rollout: Rollout | None = None) -> str:
+    """One of COUNT_KEYS for a target row."""
+    if t.state == DROPPED:
+        return "cancelled"
+    if t.state in OK_STATES:
+        return "failed" if rollout is not None and _below_gate(t, rollout) else "succeeded"
+    if t.state == UpdateState.ROLLED_BACK.value:
+        return "rolled_back"
+    if t.state in BAD_STATES:
+        return "failed"
+    if t.timed_out_at is not None:
+        return "timed_out"
+    if t.released_at is None and t.state == PENDING and t.wave is not None:
+        return "pending"
+    return "sent" if t.state == PENDING else "updating"
+
+
+def _below_gate(t: DeploymentTarget, rollout: Rollout) -> bool:
+    metric = rollout.gate.get("device_metric")
+    if not metric:
+        return False
+    floor = float(rollout.gate.get("min", {}).get(metric, 0.0))
+    return t.eval_metric != metric or t.eval_score is None or t.eval_score < floor
+
+
+def counts(rollout: Rollout, wave: int | None = None) -> dict[str, int]:
+    c = Counter(target_status(t, rollout) for t in rollout.deployment.targets if wave is None or t.wave == wave)
+    return {k: c.get(k, 0) for k in COUNT_KEYS}
+
+
+def wave_score(rollout: Rollout, wave: int) -> dict[str, object] | None:
+    scores = [t.eval_score for t in rollout.deployment.targets
+              if t.wave == wave and t.eval_score is not None and t.state in OK_STATES | BAD_STATES]
+    metrics = {t.eval_metric for t in rollout.deployment.targets if t.wave == wave and t.eval_metric}
+    if not scores or len(metrics) != 1:
+        return None
+    return {"metric": metrics.pop(), "mean": sum(scores) / len(scores), "min": min(scores), "n": len(scores)}
+
+
+# ---- stopping -----------------------------------------------------------------------------------------------
+
+
+def _start_wave(rollout: Rollout, index: int, now: datetime) -> None:
+    wave = rollout.waves[index]
+    wave.state, wave.started_at = WAVE_RUNNING, now
+
+
+def _finish(rollout: Rollout, state: str, reason: str, now: datetime) -> None:
+    rollout.state, rollout.reason, rollout.updated_at = state, reason, now
+    log.info("rollout %s %s: %s", rollout.id, state, reason)
+
+
+def _drop_unreleased(rollout: Rollout, now: datetime) -> None:
+    for t in rollout.deployment.targets:
+        if t.released_at is None and t.state == PENDING:
+            t.state, t.detail, t.updated_at = DROPPED, f"rollout {rollout.state}", now
+
+
+def _stop(s: Session, rollout: Rollout, state: str, reason: str, *, settings: Settings, now: datetime,
+          rollback: bool) -> None:
+    _finish(rollout, state, reason, now)
+    _drop_unreleased(rollout, now)
+    for t in rollout.deployment.targets:
+        if t.released_at is not None and t.state not in TERMINAL:  # stop what has not begun installing
+            message_id = uuid.uuid4().hex
+            seq = crud.record_command(s, deployment_id=rollout.id, device_id=t.device_id, message_id=message_id,
+                                      now=now).id
+            cancel_cmd = CancelCommand(message_id=message_id, seq=seq, sent_at=now, deployment_id=rollout.id,
+                                       device_id=t.device_id)
+            outbox.enqueue(s, sign(settings, cancel_cmd), now=now)
+    if rollback:
+        _roll_back(s, rollout, settings=settings, now=now)
+
+
+def _roll_back(s: Session, rollout: Rollout, *, settings: Settings, now: datetime) -> None:
+    """Devices this rollout updated get the bundle they served before, as a plain deployment each (queued in the
+    outbox by `plan_deployment`). The agent accepts it below its version floor only because it is the version it
+    kept as `previous`, verified and committed before."""
+    back: dict[tuple[str, int], list[str]] = {}
+    for t in rollout.deployment.targets:
+        if t.state in OK_STATES and t.prev_name and t.prev_version is not None:
+            back.setdefault((t.prev_name, t.prev_version), []).append(t.device_id)
+    for (name, version), ids in sorted(back.items()):
+        for device_id in sorted(ids):
+            try:
+                plan_deployment(s, settings=settings, bundle_name=name, version=version, device_id=device_id, now=now)
+            except NotFoundError as exc:
+                log.warning("rollout %s: cannot send %s back: %s", rollout.id, device_id, one_line(exc))
+
+
+# ---- devices that arrive late -------------------------------------------------------------------------------
+
+
+def adopt_device(s: Session, *, device_id: str, settings: Settings, now: datetime) -> str | None:
+    """Give a device the newest running or succeeded rollout that targets it but does not list it yet (it joined
+    the group, was tagged, or registered after the rollout began); returns that rollout's id."""
+    device = s.get(Device, device_id)
+    if device is None or device.revoked_at is not None:
+        return None
+    newest = s.scalars(select(Rollout).where(Rollout.state.in_((RUNNING, SUCCEEDED)))
+                       .order_by(Rollout.created_at.desc()).limit(200))
+    for rollout in newest:
+        if not TargetQuery.parse(rollout.query).matches(device.group_names, device.tag_map):
+            continue
+        if any(t.device_id == device_id for t in rollout.deployment.targets):
+            return None  # already part of the newest rollout that targets it
+        last = len(rollout.waves) - 1
+        target = DeploymentTarget(deployment_id=rollout.id, device_id=device_id, state=PENDING, detail="joined late",
+                                  last_seq=-1, created_at=now, updated_at=now, wave=last, attempts=0)
+        rollout.deployment.targets.append(target)
+        s.flush()
+        release(s, rollout, settings=settings, now=now)
+        return rollout.id
+    return None
+
+
+def live_rollout_ids(s: Session) -> list[str]:
+    """Rollouts the reconciler visits: running or paused, and succeeded ones with devices still to answer."""
+    busy = select(DeploymentTarget.deployment_id).where(
+        or_(DeploymentTarget.released_at.is_(None), DeploymentTarget.state.not_in(TERMINAL)),
+        DeploymentTarget.state != DROPPED)
+    q = select(Rollout.id).where(or_(Rollout.state.in_(LIVE), (Rollout.state == SUCCEEDED) & Rollout.id.in_(busy)))
+    return list(s.scalars(q.order_by(Rollout.created_at)))
+
+
+class Reconciler:
+    """Runs `reconcile` for every live rollout every `tick_s` seconds and soon after `poke()`; commits each rollout in
+    its own transaction and then pokes the outbox publisher."""
+
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings, *, on_commands: Callable[[], None],
+                 tick_s: float = 5.0, min_gap_s: float = 0.5,
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+        self.sessions, self.settings, self.on_commands, self.clock = sessions, settings, on_commands, clock
+        self.tick_s, self.min_gap_s = tick_s, min_gap_s  # seconds: between runs at most / at least
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self.runs = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="slmops-rollouts", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.tick_s)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self.run_once()
+                self._stop.wait(self.min_gap_s)  # reports arrive in bursts: one run covers many
+
+    def run_once(self) -> None:
+        try:
+            with self.sessions() as s:
+                ids = live_rollout_ids(s)
+        except Exception as exc:
+            log.error("rollout reconciler: cannot list rollouts: %s", one_line(exc))
+            return
+        for rid in ids:
+            try:
+                with self.sessions() as s, s.begin():
+                    reconcile(s, rid, settings=self.settings, now=self.clock())
+            except Exception as exc:  # one broken rollout must not stop the others
+                log.error("rollout %s: reconcile failed: %s", rid, one_line(exc))
+                log.debug("traceback", exc_info=True)
+        self.runs += 1
+        self.on_commands()
