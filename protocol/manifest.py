@@ -21,10 +21,11 @@ import json
 import re
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator,
+    AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError, field_validator,
+    model_validator,
 )
 
 from .errors import IdentifierError, ManifestError, SlmopsError, clip
@@ -165,8 +166,16 @@ class RegexMatch(_Frozen):
     regex: Annotated[str, validated(check_regex)]
 
 
-# "exact": the whole answer after strip and lower-case equals the expected label after strip and lower-case
-MatchRule = Literal["exact"] | RegexMatch
+def _match_kind(value: Any) -> str:
+    return "exact" if isinstance(value, str) else "regex"
+
+
+# "exact": the whole answer after strip and lower-case equals the expected label after strip and lower-case; a
+# {"regex": ...} object: see RegexMatch. The discriminator picks the branch, so an error names what is wrong in it.
+MatchRule = Annotated[
+    Union[Annotated[Literal["exact"], Tag("exact")], Annotated[RegexMatch, Tag("regex")]],
+    Discriminator(_match_kind),
+]
 
 
 class HeldoutSet(_Frozen):
