@@ -274,3 +274,16 @@ def test_agent_answers_a_repeated_command_with_its_terminal_report(tmp_path, ser
         assert answer.message_id != first.message_id and answer.seq > first.seq
     assert after_restart.seq > again.seq and after_restart.message_id != again.message_id
     assert len(CountingHandler.gets) == gets  # neither answer fetched the bundle again
+
+
+def test_manifest_stored_by_an_older_agent_still_compares_equal():
+    """A manifest an older release stored (no eval.heldout key) is the same signed manifest as this release's parse
+    of it: a redeploy of that version is not mistaken for a reused version with other content."""
+    from agent.update import _normalized
+
+    old = {"name": "triage", "version": 1, "created": "2026-01-01T00:00:00Z", "eval": {"dataset": "d", "metrics": {}},
+           "files": [{"path": "model.onnx", "size": 1, "sha256": "0" * 64}]}
+    new = Manifest.from_signed(old).to_signed()
+    assert new["eval"]["heldout"] is None and "heldout" not in old["eval"]
+    assert _normalized(old) == new and _normalized(None) is None
+    assert _normalized({"not": "a manifest"}) == {"not": "a manifest"}  # unparseable: left as it is, so it differs

@@ -60,3 +60,15 @@ def test_a_set_the_devices_would_refuse_is_refused_when_packing(tmp_path, key, k
     with pytest.raises(error, match=reason):
         build_bundle(model(tmp_path, **kw), out, name="tiny", version=1, signers=[key], now=NOW)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []  # nothing written, not even a temp file
+
+
+def test_inspect_names_the_set_and_its_minimum(tmp_path, key):
+    from typer.testing import CliRunner
+
+    from fleet.cli import bundle_app
+
+    out = tmp_path / "b.bundle"
+    build_bundle(model(tmp_path), out, name="tiny", version=1, signers=[key], now=NOW)
+    shown = CliRunner().invoke(bundle_app, ["inspect", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert "held-out set eval/heldout.jsonl: devices score accuracy (at least 0.75)" in shown.output
