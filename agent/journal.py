@@ -51,6 +51,15 @@ class Journal:
                 return {}
         return None
 
+    def measured(self, name: str, version: int) -> dict[str, Any] | None:
+        """The held-out score this device measured when it last installed `name` v`version` (None: none kept)."""
+        for h in reversed(self.doc.get("history", [])):
+            bundle = h.get("bundle") if isinstance(h, dict) else None
+            if (isinstance(bundle, dict) and (bundle.get("name"), bundle.get("version")) == (name, version)
+                    and h.get("state") == "active" and isinstance(h.get("eval"), dict)):
+                return h["eval"]
+        return None
+
     def damaged(self, why: str) -> dict[str, Any]:
         """update.json is unreadable: no update is in progress; clear staging, note it for the start-up report."""
         what = f"{why}; treated as no update in progress, staging cleared"

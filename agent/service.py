@@ -34,6 +34,7 @@ from protocol.messages import (
     BundleRef,
     CancelCommand,
     DeployCommand,
+    EvalScore,
     StatusReport,
     UpdateState,
 )
@@ -314,6 +315,7 @@ class Agent:
         active_version: int | None = None,
         error_code: str | None = None,
         detail: str = "",
+        eval: EvalScore | None = None,  # the held-out score: on `active`, and when it was why the update failed
     ) -> None:
         report = StatusReport(
             device_id=self.config.device_id,
@@ -324,10 +326,12 @@ class Agent:
             active_version=active_version,
             error_code=error_code,
             detail=detail if len(detail) <= MAX_DETAIL_CHARS else detail[: MAX_DETAIL_CHARS - 3] + "...",
+            eval=eval,
             seq=self.seq.next(),
             sent_at=datetime.now(timezone.utc),
         )
-        log.info("%s: %s v%s %s %s", self.config.device_id, bundle.name, bundle.version, state.value, detail)
+        score = f" ({eval.metric} {eval.score:.3f} over {eval.n} held-out items)" if eval else ""
+        log.info("%s: %s v%s %s %s%s", self.config.device_id, bundle.name, bundle.version, state.value, detail, score)
         self.link.publish(topics.status(self.config.device_id), report, qos=1)
         if self.on_report:
             self.on_report(report)

@@ -23,8 +23,13 @@ Rules (after Mender):
 - The active pointer is snapshotted when the update starts; ROLLBACK writes that snapshot back and makes the
   runtime serve the model it names. CLEANUP always runs and sends the one terminal status report.
 - A state entered more than `MAX_ENTRIES` times in one update is a loop: the step fails.
-- Each finished deployment's outcome is kept in the journal (agent/journal.py): a redelivered command gets the same terminal
-  report again and nothing runs twice.
+- Each finished deployment's outcome is kept in the journal (agent/journal.py), persisted: a command for a
+  deployment that already finished (a QoS 1 redelivery, or the fleet asking a silent device again with a new seq,
+  before or after a restart) gets the same terminal report again, with a new message id and seq, and nothing is
+  downloaded or installed again.
+- HEALTH_CHECK scores the bundle's held-out set when it carries one (agent/health.py): the aggregate score is kept
+  in the record and goes out on the `active` report, or on the terminal report when it missed the bundle's own
+  minimum (`eval_below_minimum`, a health-check failure: the update rolls back like any other).
 - A cancel (`cancel(deployment_id)`, from any thread) is checked between download chunks and before VERIFY and
   INSTALL; once INSTALL began the update runs to its end. `stop()` (the agent shutting down) interrupts DOWNLOAD and
   VERIFY the same way, leaving the record for the restart.
@@ -48,6 +53,7 @@ import httpx
 from protocol.bundle import read_envelope, unpack
 from protocol.errors import (
     BundleError,
+    EvalBelowMinimumError,
     HealthCheckError,
     IncompatibleTargetError,
     ManifestError,
@@ -58,7 +64,7 @@ from protocol.errors import (
     VersionReusedError,
 )
 from protocol.manifest import Manifest, canonical_bytes
-from protocol.messages import BundleRef, CancelCommand, DeployCommand, UpdateState
+from protocol.messages import BundleRef, CancelCommand, DeployCommand, EvalScore, UpdateState
 from protocol.trust import Keyring, verify_envelope
 
 from . import download, health
@@ -165,7 +171,7 @@ PROGRESS: dict[State, UpdateState] = {
     S.HEALTH_CHECK: U.HEALTH_CHECK,
 }
 
-Reporter = Callable[..., None]  # report(deployment_id=, bundle=, state=, active_version=, error_code=, detail=)
+Reporter = Callable[..., None]  # report(deployment_id=, bundle=, state=, active_version=, error_code=, detail=, eval=)
 
 
 class Interrupted(BaseException):
@@ -185,6 +191,7 @@ class Record:
     detail: str = ""
     manifest: dict[str, Any] | None = None
     entries: dict[str, int] | None = None
+    eval: dict[str, Any] | None = None  # the held-out score HEALTH_CHECK measured (an EvalScore as JSON)
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -282,9 +289,10 @@ class Updater:
             other = known is not None and known != cmd.bundle.sha256  # same name and version, other bundle file
             problem = "the command names another bundle file" if other else self.store.inspect(ref, hashes=self.limits.check_hashes)
             if problem is None:
-                self.report(deployment_id=cmd.deployment_id, bundle=cmd.bundle, state=U.ACTIVE,
-                            active_version=ref.version, detail="already active")
                 rec.outcome, rec.detail = U.ACTIVE, "already active"
+                rec.eval = self.journal.measured(ref.name, ref.version)  # the score this device measured at install
+                self.report(deployment_id=cmd.deployment_id, bundle=cmd.bundle, state=U.ACTIVE,
+                            active_version=ref.version, detail="already active", eval=_eval(rec, U.ACTIVE))
                 self._remember(rec)
                 return U.ACTIVE
             log.warning("%s v%s is active but %s: fetching and verifying it", ref.name, ref.version,
@@ -398,7 +406,7 @@ class Updater:
                 f"{rec.ref.name} v{rec.ref.version}"
             )
         check_target(manifest)
-        known = self.store.trusted_manifest(rec.ref)
+        known = _normalized(self.store.trusted_manifest(rec.ref))
         if known is not None and canonical_bytes(known) != canonical_bytes(manifest.to_signed()):
             raise VersionReusedError(
                 f"bundle {manifest.name} v{manifest.version} differs from the v{manifest.version} this device already "
@@ -415,6 +423,7 @@ class Updater:
 
         with path.open("rb") as f:
             unpack(f, manifest, sink)
+        health.read_heldout(unpacked, manifest)  # a malformed held-out set is refused before anything is installed
         rec.manifest = manifest.to_signed()
 
     def _install(self, rec: Record) -> None:
@@ -422,9 +431,17 @@ class Updater:
 
     def _health_check(self, rec: Record) -> None:
         manifest = self._manifest(rec)
-        self._candidate = health.check(
-            self.store.version_dir(rec.ref), manifest, timeout_s=self.limits.health_timeout_s, load=self.runtime.load
-        )
+        rec.eval = None
+        try:
+            passed = health.check(
+                self.store.version_dir(rec.ref), manifest, timeout_s=self.limits.health_timeout_s, load=self.runtime.load
+            )
+        except EvalBelowMinimumError as exc:
+            if isinstance(exc.score, EvalScore):
+                rec.eval = exc.score.model_dump(mode="json")  # the reason: it goes out on the terminal report
+            raise
+        rec.eval = passed.score.model_dump(mode="json") if passed.score else None
+        self._candidate = passed.model
 
     def _commit(self, rec: Record) -> None:
         candidate = self._candidate
@@ -474,6 +491,7 @@ class Updater:
                 active_version=_v(self.store.active()) if terminal else None,
                 error_code=rec.error_code if terminal and state is not U.ACTIVE else None,
                 detail=rec.detail if terminal else "",
+                eval=_eval(rec, state),
             )
         except Exception:  # a report that cannot be sent must not stop the update
             log.exception("update %s: could not send the %s report", rec.deployment_id, state.value)
@@ -487,6 +505,7 @@ class Updater:
                 active_version=done.get("active_version"),
                 error_code=done.get("error_code"),
                 detail=done.get("detail", ""),
+                eval=EvalScore.model_validate(done["eval"]) if done.get("eval") else None,
             )
         except Exception:
             log.exception("could not send the outcome of deployment %s again", done.get("deployment_id"))
@@ -514,6 +533,7 @@ class Updater:
             "error_code": rec.error_code if rec.outcome is not U.ACTIVE else None,
             "detail": rec.detail,
             "active_version": _v(self.store.active()),
+            "eval": _eval(rec, rec.outcome or U.FAILED, json=True),
         })
         with self._lock:
             self._cancels.pop(rec.deployment_id, None)
@@ -532,3 +552,23 @@ class Updater:
 
 def _v(ref: ModelRef | None) -> int | None:
     return ref.version if ref else None
+
+
+def _eval(rec: Record, state: UpdateState, *, json: bool = False) -> EvalScore | dict[str, Any] | None:
+    """The held-out score a terminal report carries: on `active`, or when the score was why the update failed."""
+    if rec.eval is None or not state.terminal:
+        return None
+    if state is not U.ACTIVE and rec.error_code != EvalBelowMinimumError.code:
+        return None
+    return rec.eval if json else EvalScore.model_validate(rec.eval)
+
+
+def _normalized(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored manifest as this release writes it (an older release left out fields added since, e.g.
+    eval.heldout), so the same signed manifest always compares equal; unchanged when it does not parse."""
+    if manifest is None:
+        return None
+    try:
+        return Manifest.from_signed(manifest).to_signed()
+    except ManifestError:
+        return manifest

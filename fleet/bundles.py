@@ -2,7 +2,8 @@
 
 Workflow:
 - pack: `build_bundle(model_dir, out, ...)` hashes every file of the exported onnxruntime-genai folder, reads the
-  trainer's `eval.json` into the manifest, signs it (or leaves it unsigned when no key is given) and writes the
+  trainer's `eval.json` into the manifest (metrics, smoke prompts, and the held-out set it names, a file of the
+  folder packed like the others, checked with `protocol.evalset` before anything is written), signs it (or leaves it unsigned when no key is given) and writes the
   bundle through a temp file; `sign_bundle(path, keys)` adds signatures to an existing bundle.
 - check: `verify_bundle(path, keyring)` reads the envelope, checks its signatures, then checks every member's tar
   header against the signed manifest (plain file, exact path, declared size; see `protocol.bundle`) before it
@@ -27,6 +28,7 @@ from typing import Any, BinaryIO, cast
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from protocol import bundle as container
+from protocol.evalset import parse_items
 from protocol.errors import (
     ConfigError,
     ExpiredMetadataError,
@@ -36,9 +38,11 @@ from protocol.errors import (
     SignatureError,
 )
 from protocol.manifest import (
+    MAX_EVAL_SET_BYTES,
     EvalMetrics,
     FileEntry,
     HealthCheck,
+    HeldoutSet,
     Manifest,
     SmokePrompt,
     Target,
@@ -57,6 +61,7 @@ class _EvalFile(BaseModel):
     dataset: str = ""
     metrics: dict[str, float] = {}
     smoke: list[SmokePrompt] = []
+    heldout: HeldoutSet | None = None
 
 
 def build_bundle(
@@ -90,12 +95,15 @@ def build_bundle(
             files=tuple(entries),
             created=now,
             expires=expires,
-            eval=EvalMetrics(dataset=evaluation.dataset, metrics=evaluation.metrics),
+            eval=EvalMetrics(dataset=evaluation.dataset, metrics=evaluation.metrics, heldout=evaluation.heldout),
             health=HealthCheck(prompts=tuple(evaluation.smoke)) if evaluation.smoke else HealthCheck(),
             description=description,
         )
     except ValidationError as exc:
         raise ManifestError(f"cannot build the manifest: {first_error(exc)}") from exc
+    if evaluation.heldout is not None:  # refuse a set the devices would refuse, before anything is written
+        with (model_dir / evaluation.heldout.file).open("rb") as f:
+            parse_items(f.read(MAX_EVAL_SET_BYTES + 1))
     envelope = _envelope(manifest, signers)
     with _atomic_output(Path(out_path)) as out:
         _write(out, envelope, model_dir, manifest)
@@ -259,7 +267,8 @@ def _read_eval(path: Path) -> _EvalFile:
     except ValidationError as exc:
         raise ConfigError(
             f'{path} is not a valid eval file ({first_error(exc)}); expected {{"dataset": str, '
-            '"metrics": {name: number}, "smoke": [{"prompt": str, "expect": regex}]}'
+            '"metrics": {name: number}, "smoke": [{"prompt": str, "expect": regex}], "heldout": {"file": path, '
+            '"metric": name, "min_score": number|null, "max_new_tokens": int, "match": "exact"|{"regex": str}}}'
         ) from exc
 
 

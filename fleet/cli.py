@@ -495,6 +495,9 @@ def _summary(m: Manifest) -> None:
     out.print(f"[bold]{m.name} v{m.version}[/bold]  {m.target.runtime} {m.target.precision}  base: {m.base_model or '-'}")
     out.print(f"  {len(m.files)} file(s), {m.total_size} bytes; created {m.created.isoformat()}; expires {m.expires or 'never'}")
     out.print(f"  eval ({m.eval.dataset or '-'}): {metrics}; {len(m.health.prompts)} smoke prompt(s)")
+    if (h := m.eval.heldout) is not None:
+        need = f"at least {h.min_score:g}" if h.min_score is not None else "reported only"
+        out.print(f"  held-out set {h.file}: devices score {h.metric} ({need})")
 
 
 def _private_key(path: Path) -> PrivateKey:

@@ -131,6 +131,12 @@ class RootError(BundleError):
     code = "bad_root"
 
 
+class EvalSetError(BundleError):
+    """A bundle's held-out evaluation set is malformed: not JSON lines, too many items, an item out of bounds."""
+
+    code = "bad_eval_set"
+
+
 class TransportError(SlmopsError):
     """Bytes could not be moved (network down, server error); retrying may help."""
 
@@ -201,6 +207,16 @@ class HealthCheckError(SlmopsError):
     """A newly installed model failed its health check (load, smoke prompt, time limit)."""
 
     code = "health_check"
+
+
+class EvalBelowMinimumError(HealthCheckError):
+    """A newly installed model scored its bundle's held-out evaluation set below the bundle's own minimum."""
+
+    code = "eval_below_minimum"
+
+    def __init__(self, message: str, score: object = None) -> None:
+        super().__init__(message)
+        self.score = score  # the aggregate the device measured (a protocol.messages.EvalScore), for its report
 
 
 def clip(value: object, limit: int = 40) -> str:

@@ -2,7 +2,9 @@
 
 A manifest describes one bundle: what model it is, which runtime and precision it targets, every file with its
 size and sha256, the integer version (it only grows), when it was made and when it expires, the eval metrics
-measured by the trainer, the smoke prompts the device's health check runs, and resource budgets.
+measured by the trainer (and, optionally, the held-out evaluation set the bundle carries, `eval.heldout`, which the
+device's health check scores; see `protocol.evalset`), the smoke prompts the device's health check runs, and
+resource budgets.
 
 Workflow: the fleet builds a `Manifest`, signs `canonical_bytes(manifest.to_signed())` (see `protocol.trust`),
 and stores the envelope beside the files; the agent parses the envelope bytes back with `Manifest.from_signed()`
@@ -19,9 +21,12 @@ import json
 import re
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError, field_validator,
+    model_validator,
+)
 
 from .errors import IdentifierError, ManifestError, SlmopsError, clip
 
@@ -34,6 +39,10 @@ KEYID_RE = SHA256_RE  # a key id is the sha256 of the raw Ed25519 public key
 MAX_VERSION = 2**63 - 1  # the highest version (and any counter): fits a signed 64-bit integer column
 MAX_PATH_CHARS = 1024  # characters in a file path inside the bundle
 MAX_PART_BYTES = 255  # bytes in one part of that path (the usual file-name limit)
+METRIC_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")  # an eval metric's name, e.g. label_accuracy
+MAX_EVAL_SET_BYTES = 256 * 1024  # bytes: the largest held-out evaluation set file a manifest may name
+MAX_EVAL_NEW_TOKENS = 256  # tokens: the most a held-out item's answer may take
+MAX_MATCH_REGEX_CHARS = 256  # characters in a held-out set's match regex
 _T = TypeVar("_T")
 
 
@@ -71,6 +80,22 @@ def check_sha256(digest: object) -> str:
     return check_identifier(digest, SHA256_RE, 64, "sha256", "use 64 lowercase hex digits")
 
 
+def check_metric(name: object) -> str:
+    """An eval metric's name: 1-64 chars of a-z, 0-9, '_', starting with a letter."""
+    return check_identifier(name, METRIC_RE, 64, "metric name", "use 1-64 chars of a-z, 0-9, '_' starting with a letter")
+
+
+def check_regex(pattern: object, max_chars: int = MAX_MATCH_REGEX_CHARS) -> str:
+    """A regex that compiles, of at most `max_chars` characters."""
+    if not isinstance(pattern, str) or len(pattern) > max_chars:
+        raise ManifestError(f"regex {clip(pattern)} is not valid: use a string of at most {max_chars} chars")
+    try:
+        re.compile(pattern)
+    except (re.error, OverflowError, RecursionError) as exc:  # a repeat over 2**32-1; groups nested too deep
+        raise ManifestError(f"regex {clip(pattern)} does not compile: {exc}") from None
+    return pattern
+
+
 def validated(check: Callable[[object], _T]) -> AfterValidator:
     """A pydantic validator running a protocol check (its typed error becomes the schema error's message)."""
 
@@ -87,7 +112,9 @@ BundleName = Annotated[str, validated(check_name)]
 Version = Annotated[int, Strict(), validated(check_version)]
 KeyId = Annotated[str, validated(check_keyid)]
 Sha256 = Annotated[str, validated(check_sha256)]
+MetricName = Annotated[str, validated(check_metric)]
 Count = Annotated[int, Field(ge=0, le=MAX_VERSION)]  # sizes, sequence numbers, counters: fit 63 bits
+Score = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]  # a share from 0 to 1 (never a bool or str)
 
 
 def canonical_bytes(obj: Any) -> bytes:
@@ -132,11 +159,45 @@ class Target(_Frozen):
     execution_provider: str = "cpu"
 
 
+class RegexMatch(_Frozen):
+    """Score by label: the answer's label is what `regex` matches at the start of the stripped answer (its first
+    group, or the whole match when it has none), compared with the expected label after strip and lower-case."""
+
+    regex: Annotated[str, validated(check_regex)]
+
+
+def _match_kind(value: Any) -> str:
+    return "exact" if isinstance(value, str) else "regex"
+
+
+# "exact": the whole answer after strip and lower-case equals the expected label after strip and lower-case; a
+# {"regex": ...} object: see RegexMatch. The discriminator picks the branch, so an error names what is wrong in it.
+MatchRule = Annotated[
+    Union[Annotated[Literal["exact"], Tag("exact")], Annotated[RegexMatch, Tag("regex")]],
+    Discriminator(_match_kind),
+]
+
+
+class HeldoutSet(_Frozen):
+    """A small held-out evaluation set the bundle carries as one of its files (so it is verified with the bundle):
+    JSON lines of items (`protocol.evalset`) the device's health check answers greedily; the share it gets right is
+    reported as `metric` (name it like the trainer's metric of the same measure, so the fleet can compare the two).
+    Below `min_score` the health check fails and the update rolls back; None: the score is only reported."""
+
+    file: str = Field(min_length=1, max_length=MAX_PATH_CHARS)  # must be one of the manifest's files
+    metric: MetricName
+    min_score: Score | None = None
+    max_new_tokens: int = Field(default=16, ge=1, le=MAX_EVAL_NEW_TOKENS)
+    match: MatchRule = "exact"  # the rule for items that name none of their own
+
+
 class EvalMetrics(_Frozen):
-    """Metrics the trainer measured on the held-out split, e.g. {"accuracy": 0.93}."""
+    """Metrics the trainer measured on the held-out split, e.g. {"label_accuracy": 0.93}, and the held-out set the
+    device scores itself (None: the bundle carries none)."""
 
     dataset: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
+    heldout: HeldoutSet | None = None
 
 
 class SmokePrompt(_Frozen):
@@ -220,6 +281,17 @@ class Manifest(_Frozen):
         if len(set(paths)) != len(paths):
             raise ValueError("file paths must be unique")
         return tuple(sorted(v, key=lambda f: f.path))
+
+    @model_validator(mode="after")
+    def _heldout_file(self) -> "Manifest":
+        heldout = self.eval.heldout
+        if heldout is not None:
+            entry = self.file(heldout.file)
+            if entry is None:
+                raise ValueError(f"eval.heldout.file {clip(heldout.file)} is not one of the bundle's files")
+            if entry.size > MAX_EVAL_SET_BYTES:
+                raise ValueError(f"eval.heldout.file is {entry.size} bytes, over the {MAX_EVAL_SET_BYTES} byte limit")
+        return self
 
     @property
     def total_size(self) -> int:

@@ -34,6 +34,8 @@ from .manifest import (
     BundleName,
     Count,
     KeyId,
+    MetricName,
+    Score,
     Sha256,
     Version,
     canonical_bytes,
@@ -147,8 +149,23 @@ class CancelCommand(_Message):
     device_id: DeviceId
 
 
+MAX_EVAL_ITEMS_REPORTED = 1000  # items: the most a reported held-out score may be measured over
+
+
+class EvalScore(BaseModel):
+    """The aggregate score a device measured on its bundle's held-out evaluation set: the metric's name, the share
+    of items answered right, and how many items. Never a prompt or an answer."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    metric: MetricName
+    score: Score
+    n: int = Field(ge=1, le=MAX_EVAL_ITEMS_REPORTED, strict=True)
+
+
 class StatusReport(_Message):
-    """Device -> fleet: a step of an update, with the reason when it failed."""
+    """Device -> fleet: a step of an update, with the reason when it failed, and the held-out score the device
+    measured (on the `active` report, and on the terminal report of an update that scored below the bundle's own
+    minimum)."""
 
     kind: Literal["status"] = "status"
     device_id: DeviceId
@@ -159,6 +176,7 @@ class StatusReport(_Message):
     active_version: Version | None = None  # what serves after this step
     error_code: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]{0,63}$")  # a code from protocol.errors
     detail: str = Field(default="", max_length=MAX_DETAIL_CHARS)  # the reason in words, for a field engineer
+    eval: EvalScore | None = None  # absent in reports of agents before the held-out set, and of bundles without one
 
 
 class ActiveModel(BaseModel):
@@ -224,5 +242,11 @@ def parse_message(payload: bytes) -> DeployCommand | CancelCommand | StatusRepor
         raise MessageError(f"{kind} does not match its schema: {first_error(exc)}") from exc
 
 
+# optional fields added after schema_version 1 first shipped: left out of the wire while unset, so a receiver of
+# an earlier release (its models forbid unknown keys) still reads what this one sends
+LATER_FIELDS = frozenset({"eval"})
+
+
 def encode(message: _Message) -> bytes:
-    return message.model_dump_json().encode()
+    unset = {f for f in LATER_FIELDS if getattr(message, f, 0) is None}
+    return message.model_dump_json(exclude=unset or None).encode()

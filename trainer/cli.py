@@ -87,12 +87,14 @@ def export(
 def eval_(
     model: Annotated[Path, typer.Option(help="onnxruntime-genai model folder.")],
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N test rows.")] = None,
+    heldout_min_score: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Devices fail the health check when they score the held-out set below this.")] = None,
 ) -> None:
-    """Score an exported model on the test split and write eval.json into its folder."""
+    """Score an exported model on the test split and write eval.json (and the held-out set) into its folder."""
     from trainer.evaluate import EVAL_FILE, write_eval
 
     try:
-        result = write_eval(model, limit=limit)
+        result = write_eval(model, limit=limit, heldout_min_score=heldout_min_score)
     except SlmopsError as exc:
         raise _fail(exc) from exc
     table = Table(title=result["dataset"])

@@ -38,3 +38,7 @@ def test_eval_writes_eval_json_and_prints_a_table(tiny_int4: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     assert "label_accuracy" in result.output
     assert json.loads((model / "eval.json").read_text())["metrics"]["samples"] == 4
+    assert json.loads((model / "eval.json").read_text())["heldout"]["min_score"] is None
+    result = runner.invoke(app, ["eval", "--model", str(model), "--limit", "1", "--heldout-min-score", "0.6"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((model / "eval.json").read_text())["heldout"]["min_score"] == 0.6
