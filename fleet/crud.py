@@ -212,6 +212,8 @@ def record_status(s: Session, *, msg: StatusReport, now: datetime) -> StatusRepo
     ):
         target.state, target.error_code, target.detail = msg.state.value, msg.error_code, msg.detail
         target.last_seq, target.updated_at = msg.seq, now
+        if msg.eval is not None:  # the score the device measured on the bundle's own held-out set
+            target.eval_metric, target.eval_score, target.eval_n = msg.eval.metric, msg.eval.score, msg.eval.n
     if fresh and msg.active_version is not None:
         device.active_name, device.active_version = msg.bundle_name, msg.active_version
     s.flush()

@@ -22,7 +22,7 @@ from fleet.models import Bundle, DeploymentTarget, OutboxMessage, Rollout
 from fleet.settings import Settings
 from fleet.strategy import Gate, Step, Strategy, TargetQuery, Window
 from protocol.manifest import EvalMetrics, FileEntry, Manifest
-from protocol.messages import CancelCommand, DeployCommand, StatusReport, UpdateState, parse_message
+from protocol.messages import CancelCommand, DeployCommand, EvalScore, StatusReport, UpdateState, parse_message
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -66,14 +66,10 @@ class Fleet:
         self._seq += 1
         msg = StatusReport(message_id=uuid.uuid4().hex, seq=self._seq, sent_at=self.now, device_id=device,
                            deployment_id=rid, bundle_name="tiny", bundle_version=version, state=state,
-                           active_version=version if state is UpdateState.ACTIVE else None)
+                           active_version=version if state is UpdateState.ACTIVE else None,
+                           eval=EvalScore(metric="accuracy", score=score, n=20) if score is not None else None)
         with self.db.sessions() as s, s.begin():
             crud.record_status(s, msg=msg, now=self.now)
-            if score is not None:
-                t = s.scalar(select(DeploymentTarget).where(DeploymentTarget.deployment_id == rid,
-                                                            DeploymentTarget.device_id == device))
-                assert t is not None
-                t.eval_metric, t.eval_score, t.eval_n = "accuracy", score, 20
 
     def tick(self, rid: str, advance_s: float = 0) -> Rollout:
         self.now += timedelta(seconds=advance_s)
