@@ -2,6 +2,7 @@
 
     app          serve | devices | deploy | upload     run a fleet, or drive a running one over HTTP (--url, --token;
                                                        --ca, --cert, --key for an https or mutual-TLS fleet)
+                 rollout ... | groups | tag            staged rollouts, groups and tags (fleet/rollout_cli.py)
                  revoke | reinstate | audit            devices' identities and the audit log (admin token)
                  token create|list|revoke              API tokens (admin token)
                  enrol-token create|list               one-time enrolment tokens for devices (admin token)
@@ -511,3 +512,6 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+from . import rollout_cli as _rollout_cli  # noqa: E402,F401  (mounts `rollout`, `groups`, `tag` on `app`)
