@@ -74,3 +74,10 @@ class BrokerAccountsError(FleetError):
     """The MQTT broker did not take the account change (mosquitto dynamic security); retry the request."""
 
     code = "broker_accounts"
+
+
+class TelemetryQueryError(FleetError):
+    """A telemetry query asks for a window, step or time the fleet does not serve (bad ISO time, step out of range,
+    too many points)."""
+
+    code = "bad_telemetry_query"
