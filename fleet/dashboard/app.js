@@ -8,7 +8,7 @@
 //
 // The API token is asked for once, kept in sessionStorage (this tab only) and sent as `Authorization: Bearer`; a 401
 // forgets it and shows the sign-in form again. Everything the API returns reaches the page through textContent or
-// setAttribute, never as HTML. Failures are shown on the page; nothing is written to the console.
+// setAttribute, never as HTML. Failures are shown on the page, never logged by the browser.
 
 import { fmt, lineChart } from "./plot.js";
 

@@ -1,4 +1,4 @@
-// Line plots as inline SVG, built with DOM calls only (no innerHTML, no inline style: the page's CSP allows
+// Line plots as inline SVG, built with DOM calls only (no HTML strings, no inline style: the page's CSP allows
 // neither). lineChart(points, {key, title, unit, since, until}) -> a <div class="plot"> holding the title and an
 // <svg> with one polyline and one <circle class="dot"> per point; each dot carries data-t and data-v and a <title>
 // with the value, so a reader (or a test) can read the exact figures.
