@@ -81,7 +81,7 @@ def test_overview_counts_versions_failures_and_recent_reports(client: TestClient
     recent = [(x["device_id"], x["state"]) for x in o["recent_reports"]]
     assert recent[:2] == [("dev-c", "active"), ("dev-c", "failed")] and len(recent) == 6
     assert o["mqtt_connected"] is True
-    assert o["rollouts_api"] is any(getattr(rt, "path", "") == "/api/v1/rollouts" for rt in client.app.routes)
+    assert o["rollouts_api"] is False  # the rollout API is not on this branch yet (tests/browser adds one)
 
 
 def test_overview_of_an_empty_fleet(client: TestClient) -> None:

@@ -7,6 +7,8 @@ from datetime import datetime
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.routing import Match
 
 from ... import overview
 from ..deps import FleetDep, Reader, SessionDep
@@ -44,13 +46,20 @@ class Overview(BaseModel):
     recent_reports: list[ReportPublic]
 
 
+def serves(app: Starlette, method: str, path: str) -> bool:
+    """Whether the app routes `method path` to a handler (asked the way routing asks, so routers included in
+    routers count too)."""
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "path_params": {}}
+    return any(route.matches(scope)[0] == Match.FULL for route in app.router.routes)
+
+
 @router.get("/overview", response_model=Overview)
 def get_overview(request: Request, s: SessionDep, fleet: FleetDep, _caller: Reader) -> Overview:
     n_failed, failed = overview.failed_devices(s)
     return Overview(
         at=datetime.now().astimezone(),
         mqtt_connected=fleet.messaging.connected,
-        rollouts_api=any(getattr(r, "path", None) == ROLLOUTS_PATH for r in request.app.routes),
+        rollouts_api=serves(request.app, "GET", ROLLOUTS_PATH),
         devices=DeviceCounts(**vars(overview.device_states(s))),
         versions=[VersionCountPublic(**vars(v)) for v in overview.active_versions(s)],
         failed_count=n_failed,
