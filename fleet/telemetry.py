@@ -14,7 +14,8 @@ so a device that reports twice as often does not weigh twice as much, and `token
 throughput.
 
 Bounds: step_s from MIN_STEP_S to MAX_STEP_S, at most MAX_POINTS buckets per answer, since/until default to the
-last DEFAULT_WINDOW, timestamps need a timezone and at most MAX_TIME_CHARS characters.
+last DEFAULT_WINDOW, timestamps need a timezone, at most MAX_TIME_CHARS characters and to lie between EARLIEST and
+LATEST.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ MAX_POINTS = 1_000  # buckets one answer may span; ask for a larger step for a l
 DEFAULT_STEP_S = 60  # seconds
 DEFAULT_WINDOW = timedelta(hours=1)  # since/until default to the last hour
 MAX_TIME_CHARS = 40  # characters of an ISO timestamp in a query string
+EARLIEST = datetime(1970, 1, 2, tzinfo=timezone.utc)  # times outside [EARLIEST, LATEST) are refused: epoch seconds
+LATEST = datetime(2200, 1, 1, tzinfo=timezone.utc)  # stay positive (SQL division truncates) and dates never overflow
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,13 @@ def parse_time(value: str | None, what: str) -> datetime | None:
         raise TelemetryQueryError(f"{what} {clip(value)} is not an ISO time; send one like 2026-01-01T00:00:00Z") from None
     if t.tzinfo is None:
         raise TelemetryQueryError(f"{what} {clip(value)} has no timezone; add Z or +00:00")
-    return t.astimezone(timezone.utc)
+    try:
+        t = t.astimezone(timezone.utc)
+    except OverflowError:
+        t = LATEST if t.year > 1970 else datetime.min.replace(tzinfo=timezone.utc)
+    if not EARLIEST <= t < LATEST:
+        raise TelemetryQueryError(f"{what} {clip(value)} is outside {EARLIEST:%Y-%m-%d} to {LATEST:%Y-%m-%d}; send a time in it")
+    return t
 
 
 def window(*, since: str | None, until: str | None, step_s: int, now: datetime) -> Window:
@@ -93,7 +102,7 @@ def window(*, since: str | None, until: str | None, step_s: int, now: datetime) 
     if isinstance(step_s, bool) or not isinstance(step_s, int) or not MIN_STEP_S <= step_s <= MAX_STEP_S:
         raise TelemetryQueryError(f"step_s {clip(step_s)} is out of range; use {MIN_STEP_S} to {MAX_STEP_S} seconds")
     end = parse_time(until, "until") or now
-    start = parse_time(since, "since") or end - DEFAULT_WINDOW
+    start = parse_time(since, "since") or max(EARLIEST, end - DEFAULT_WINDOW)
     if start >= end:
         raise TelemetryQueryError(f"since ({start.isoformat()}) is not before until ({end.isoformat()}); swap or widen them")
     buckets = _bucket(end, step_s) - _bucket(start, step_s) + 1

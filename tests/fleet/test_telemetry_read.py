@@ -10,6 +10,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from fastapi.testclient import TestClient
 
 from fleet import crud, telemetry
@@ -126,6 +128,10 @@ REFUSED = [
     ("since without timezone", {"since": "2026-03-01T11:00:00"}, "no timezone"),
     ("until with a newline", {"until": "2026-03-01T11:00:00Z\n"}, "not an ISO time"),
     ("since too long", {"since": "2026-03-01T11:00:00" + "0" * 40 + "Z"}, "over 40"),
+    ("since in year 1 (east of UTC)", {"since": "0001-01-01T00:00:00+01:00"}, "is outside 1970-01-02 to 2200-01-01"),
+    ("until in year 9999 (west of UTC)", {"until": "9999-12-31T23:59:59-01:00"}, "is outside"),
+    ("before 1970", {"since": "1969-12-31T23:00:00Z", "until": "1970-01-01T00:10:00Z"}, "is outside"),
+    ("until in year 1", {"until": "0001-01-01T01:00:00Z"}, "is outside"),
     ("since equals until", {"since": "2026-03-01T11:00:00Z", "until": "2026-03-01T11:00:00+00:00"}, "not before"),
     ("since after until", {"since": "2026-03-02T00:00:00Z", "until": "2026-03-01T00:00:00Z"}, "not before"),
     ("1,001 points", {"since": "2026-03-01T00:00:00Z", "until": "2026-03-01T02:46:40Z", "step_s": 10}, "use step_s >= 11"),
@@ -216,3 +222,20 @@ def test_refused_queries_over_http(client: TestClient, case, path, params, statu
         assert r.json()["code"] == code
     assert '"points"' not in r.text
     assert client.get("/api/v1/devices").json() == before  # a refused read registers nothing
+
+
+ISO_ISH = st.one_of(st.none(), st.text(max_size=50), st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat()),
+                    st.datetimes().map(lambda d: d.isoformat()))  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(since=ISO_ISH, until=ISO_ISH, step_s=st.one_of(st.integers(-10, 200_000), st.booleans()))
+def test_any_query_is_a_bounded_window_or_a_typed_refusal(since, until, step_s) -> None:
+    try:
+        w = telemetry.window(since=since, until=until, step_s=step_s, now=NOW)
+    except TelemetryQueryError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 300
+        return
+    assert w.since.tzinfo is not None and w.until.tzinfo is not None and w.since < w.until
+    assert telemetry.MIN_STEP_S <= w.step_s <= telemetry.MAX_STEP_S
+    assert int(w.until.timestamp()) // w.step_s - int(w.since.timestamp()) // w.step_s + 1 <= telemetry.MAX_POINTS
