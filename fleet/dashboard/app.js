@@ -59,7 +59,7 @@ function h(tag, attrs = {}, ...children) {
 }
 
 function table(headers, rows, attrs = {}) {
-  return h("table", attrs, h("thead", {}, h("tr", {}, headers.map((x) => h("th", {}, x)))),
+  return h("table", attrs, headers.length ? h("thead", {}, h("tr", {}, headers.map((x) => h("th", {}, x)))) : null,
     h("tbody", {}, rows.map((cells) => h("tr", {}, cells.map((c) => h("td", {}, c))))));
 }
 
@@ -128,8 +128,8 @@ async function devicePage(id) {
     ["desired", d.desired ? `${d.desired.bundle_name} v${d.desired.bundle_version} (${d.desired.state})` : "none"],
     ["agent", d.agent_version || "unknown"], ["last seen", when(d.last_seen)], ["registered", when(d.registered_at)]];
   return h("div", { id: "device", "data-device": d.id }, h("h1", {}, `Device ${d.id}`),
-    table(["", ""], facts, { id: "facts" }),
-    h("h2", {}, "Telemetry ", pick, h("span", { class: "muted" }, ` ${series.points.length} points, ${series.step_s} s each`)),
+    table([], facts, { id: "facts" }),
+    h("h2", {}, "Telemetry ", pick, h("span", { class: "muted" }, ` ${series.points.length} point${series.points.length === 1 ? "" : "s"} of ${series.step_s} s`)),
     h("div", { class: "plots", id: "plots" }, PLOTS.map(([key, title, unit]) => lineChart(series.points,
       { key, title, unit, since: since.getTime(), until: until.getTime() }))),
     h("h2", {}, "Status reports"),
