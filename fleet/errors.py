@@ -86,3 +86,10 @@ class RolloutStateError(ConflictError):
     """A rollout cannot take that step from the state it is in (e.g. resume a finished rollout)."""
 
     code = "rollout_state"
+
+
+class TelemetryQueryError(FleetError):
+    """A telemetry query asks for a window, step or time the fleet does not serve (bad ISO time, step out of range,
+    too many points)."""
+
+    code = "bad_telemetry_query"

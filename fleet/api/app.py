@@ -56,7 +56,9 @@ from ..rollouts import Reconciler
 from ..settings import Settings
 from .deps import Fleet
 from ..trust import trust_for
-from .routes import audit, bundles, deployments, devices, enrolment, groups, health, metrics, rollouts, tokens, trust
+from .. import dashboard
+from .routes import (audit, bundles, deployments, devices, enrolment, groups, health, metrics, overview, rollouts,
+                     telemetry, tokens, trust)
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +133,10 @@ def create_app(
             yield
 
     app = FastAPI(title="slmops fleet", version="1", lifespan=lifespan)
-    for module in (devices, groups, bundles, deployments, rollouts, tokens, enrolment, audit, trust, health, metrics):
+    for module in (devices, groups, bundles, deployments, rollouts, tokens, enrolment, audit, trust, health, metrics,
+                   telemetry, overview):
         app.include_router(module.router)
+    app.include_router(dashboard.router)  # static pages at /dashboard/; they call the API with the user's token
 
     @app.exception_handler(SlmopsError)
     async def _slmops_error(_request: Request, exc: SlmopsError) -> JSONResponse:

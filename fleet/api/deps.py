@@ -6,7 +6,8 @@ scheme), refuses an address with too many recent failures (429, Retry-After), th
 (`fleet.auth.authenticate_token`): none or unknown -> 401 with `WWW-Authenticate: Bearer`. `require(*roles)` turns
 that into 403 for a known token without one of the roles. The rule for every route:
 
-    open           /healthz, POST /api/v1/enrol (it carries its own one-time token), GET /api/v1/trust/...
+    open           /healthz, POST /api/v1/enrol (it carries its own one-time token), GET /api/v1/trust/...,
+                   the dashboard's static files under /dashboard/ (no data; the page sends the token to the API)
     Reader         every other GET (viewer, operator, admin); /metrics too unless `metrics_public`
     Operator       bundle upload, deployments (and rollouts)
     Downloader     a bundle file: operator or admin, or a device token whose device a deployment of it targets

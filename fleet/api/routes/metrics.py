@@ -1,4 +1,7 @@
-"""Prometheus metrics, computed from the database at scrape time so every replica reports the same numbers."""
+"""Prometheus metrics, computed from the database at scrape time so every replica reports the same numbers.
+
+`deploy/grafana/slmops-fleet.json` plots these; `tests/fleet/test_dashboard_api.py` checks that every metric it
+names is one this endpoint exports, so renaming one here means changing the dashboard too."""
 
 from __future__ import annotations
 
@@ -7,11 +10,13 @@ from collections.abc import Iterator
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from sqlalchemy import column, func, inspect, select
+from sqlalchemy import table as table_of
 from sqlalchemy.orm import Session
 
 from protocol.root import Root
 
-from ... import crud
+from ... import crud, overview
 from ...trust import trust_for
 from ..deps import FleetDep, SessionDep, metrics_access
 
@@ -30,6 +35,7 @@ class FleetCollector:
         for state, n in sorted(crud.report_counts_by_state(self.s).items()):
             reports.add_metric([state], n)
         yield reports
+        yield from state_metrics(self.s)
         yield GaugeMetricFamily(
             "slmops_mqtt_connected", "1 while this replica is subscribed on the MQTT broker", value=int(self.mqtt_connected)
         )
@@ -39,6 +45,28 @@ class FleetCollector:
             yield GaugeMetricFamily("slmops_trust_root_expiry_timestamp_seconds",
                                     "When the current trust root expires (Unix time); rotate it before then",
                                     value=self.root.expires.timestamp())
+
+
+ROLLOUT_STATES = ("running", "paused", "succeeded", "aborted", "cancelled", "superseded")
+ROLLOUTS_TABLE = "rollouts"
+
+
+def state_metrics(s: Session) -> Iterator[Metric]:
+    """Devices by state (online, offline, revoked) and rollouts by state. The rollouts gauge has a sample per
+    known state once a `rollouts` table exists (its `state` column); without the table it is declared, empty."""
+    st = overview.device_states(s)
+    devices = GaugeMetricFamily("slmops_devices_by_state", "Devices by state (online and offline exclude revoked)",
+                                labels=["state"])
+    for state, n in (("online", st.online), ("offline", st.offline), ("revoked", st.revoked)):
+        devices.add_metric([state], n)
+    yield devices
+    rollouts = GaugeMetricFamily("slmops_rollouts", "Rollouts by state", labels=["state"])
+    if inspect(s.get_bind()).has_table(ROLLOUTS_TABLE):
+        table = table_of(ROLLOUTS_TABLE, column("state"))
+        counts = {state: n for state, n in s.execute(select(table.c.state, func.count()).group_by(table.c.state)).tuples()}
+        for state in sorted(set(ROLLOUT_STATES) | set(counts)):
+            rollouts.add_metric([str(state)], counts.get(state, 0))
+    yield rollouts
 
 
 @router.get("/metrics", dependencies=[Depends(metrics_access)])
