@@ -1,7 +1,7 @@
 """The dashboard in a real headless browser: Debian's chromium driven by Playwright, against a running fleet (uvicorn
 on a free loopback port, a real embedded MQTT broker, SQLite) whose data came from paho clients logged in as
 devices, the way agents send it. The pages load, show the fleet's live figures, plot the telemetry that was sent,
-render a rollout from the rollout API's contract, refuse a wrong token with the sign-in form, and log no console
+render a real rollout that a canary and a gate stopped, refuse a wrong token with the sign-in form, and log no console
 errors. Skipped (with the reason) where chromium or playwright is missing, except under CI, where that fails."""
 
 from __future__ import annotations
@@ -36,13 +36,12 @@ if (_why := _missing()) is not None:
 
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
-from fastapi import APIRouter  # noqa: E402
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright  # noqa: E402
 
 from fleet.api.app import create_app  # noqa: E402
 from fleet.tls import uvicorn_config  # noqa: E402
 from protocol import topics  # noqa: E402
-from protocol.messages import ActiveModel, Presence, StatusReport, Telemetry, UpdateState, encode  # noqa: E402
+from protocol.messages import ActiveModel, EvalScore, Presence, StatusReport, Telemetry, UpdateState, encode  # noqa: E402
 from tests.fleet.conftest import ADMIN, Device, secure_settings, wait_until  # noqa: E402
 from tests.net import embedded_broker, free_port  # noqa: E402
 
@@ -198,53 +197,69 @@ def _ago(seconds: int) -> str:
     return datetime.fromtimestamp(time.time() - seconds, tz=timezone.utc).isoformat()
 
 
-ROLLOUT = {  # a Rollout exactly as the rollout API's contract gives it
-    "id": "r-1", "state": "running", "reason": "wave 1 of 2 running",
-    "bundle": {"name": "tiny", "version": 2}, "target": {"group": "lab"},
-    "created_at": "2026-03-01T00:00:00Z", "updated_at": "2026-03-01T00:05:00Z",
-    "strategy": {"success_threshold": 0.9, "error_threshold": 0.2},
-    "gate": {"min": {"accuracy": 0.8}, "no_regression": True},
-    "waves": [
-        {"index": 0, "name": "canary", "state": "succeeded", "size": 1,
-         "counts": {"pending": 0, "sent": 0, "updating": 0, "succeeded": 1, "failed": 0, "timed_out": 0, "rolled_back": 0},
-         "score": {"metric": "accuracy", "mean": 0.93, "min": 0.9, "n": 1}},
-        {"index": 1, "name": "wave 1", "state": "running", "size": 4,
-         "counts": {"pending": 1, "sent": 0, "updating": 1, "succeeded": 1, "failed": 1, "timed_out": 0, "rolled_back": 0},
-         "score": None},
-    ],
-    "counts": {"pending": 1, "sent": 0, "updating": 1, "succeeded": 2, "failed": 1, "timed_out": 0, "rolled_back": 0},
-}  # fmt: skip
+def _store_bundle(fleet: Fleet, version: int, accuracy: float) -> None:
+    """A stored bundle whose manifest carries its accuracy and names a held-out set the devices score."""
+    from fleet import crud
+    from protocol.manifest import EvalMetrics, FileEntry, Manifest
+
+    manifest = Manifest(name="tiny", version=version, files=(FileEntry(path="m.onnx", size=1, sha256="a" * 64),),
+                        created=now(), eval=EvalMetrics(dataset="held-out", metrics={"accuracy": accuracy}))
+    with fleet.app.state.fleet.db.sessions() as s, s.begin():  # type: ignore[attr-defined]
+        b = crud.add_bundle(s, manifest=manifest, sha256=f"{version:064x}", size=10, storage_path="x",
+                            signer_keyids=[], now=now())
+        b.manifest = dict(manifest.to_signed(), eval={"dataset": "held-out", "metrics": {"accuracy": accuracy},
+                                                      "heldout": {"file": "eval/heldout.jsonl", "metric": "accuracy"}})
+
+
+def _answer(fleet: Fleet, dev: str, rollout_id: str, version: int, score: float, seq: int) -> None:
+    msg = StatusReport(device_id=dev, deployment_id=rollout_id, bundle_name="tiny", bundle_version=version,
+                       state=UpdateState.ACTIVE, active_version=version, seq=seq, sent_at=now(),
+                       eval=EvalScore(metric="accuracy", score=score, n=30))
+    fleet.devices[dev].publish(str(topics.status(dev)), encode(msg))
 
 
 def test_rollouts_say_none_then_show_waves_with_counts_and_gate_figures(fleet: Fleet, page) -> None:
+    """A real rollout over MQTT: the canary measures 0.93 on the bundle's held-out set and the wave opens; the
+    next device measures 0.5, below the gate of 0.8, and the rollout aborts. The page shows it all."""
     tab, errors = page
     sign_in(tab, fleet, fleet.viewer, "#/rollouts")
     assert tab.locator("#no-rollouts").inner_text() == "no rollouts"
-    # The rollout API (built on another branch) answers with the contract above; serve exactly that, over real HTTP.
-    stand_in = APIRouter()
-    stand_in.add_api_route("/api/v1/rollouts", lambda: {"rollouts": [ROLLOUT]}, methods=["GET"])
-    stand_in.add_api_route("/api/v1/rollouts/r-1", lambda: ROLLOUT, methods=["GET"])
-    before = list(fleet.app.router.routes)  # type: ignore[attr-defined]
-    fleet.app.include_router(stand_in)  # type: ignore[attr-defined]
-    try:
-        assert fleet.api.get("/api/v1/overview").json()["rollouts_api"] is True
-        tab.goto(f"{fleet.url}/dashboard/#/")
-        tab.reload()  # a new page load learns that the fleet now has a rollout API
-        tab.locator("#rollout-table").wait_for()
-        tab.locator("#rollout-table a", has_text="r-1").click()
-        tab.locator("#rollout[data-rollout='r-1']").wait_for()
-        waves = tab.locator("#waves tbody tr")
-        assert waves.count() == 2
-        canary, wave1 = waves.nth(0).inner_text(), waves.nth(1).inner_text()
-        assert "canary" in canary and "succeeded 1" in canary and "100% succeeded (needs 90%)" in canary
-        assert "accuracy mean 0.93, min 0.90, n=1 (gate 0.80: met)" in canary
-        assert "failed 1" in wave1 and "updating 1" in wave1 and "25% failed (aborts at 20%)" in wave1
-        assert "no score yet" in wave1
-        segments = waves.nth(1).locator(".bar span").evaluate_all("s => s.map(x => [x.className, x.style.width])")
-        assert sorted(segments) == [["seg-failed", "25%"], ["seg-pending", "25%"], ["seg-succeeded", "25%"], ["seg-updating", "25%"]]
-        assert "accuracy at least 0.80" in text(tab, "#rollout") and "no regression" in text(tab, "#rollout")
-    finally:
-        fleet.app.router.routes[:] = before  # type: ignore[attr-defined]
+    _store_bundle(fleet, 7, 0.93)
+    for dev in ("dev-1", "dev-2"):
+        fleet.devices[dev].subscribe(str(topics.cmd(dev)))
+    body = {"bundle": {"name": "tiny", "version": 7}, "target": {"group": "lab"},
+            "strategy": {"canary": {"count": 1}, "waves": [{"percent": 100}], "success_threshold": 0.9,
+                         "error_threshold": 0.2},
+            "gate": {"min": {"accuracy": 0.8}, "no_regression": False}}
+    made = fleet.api.post("/api/v1/rollouts", json=body)
+    assert made.status_code == 201, made.text
+    rid = made.json()["id"]
+
+    def told(dev: str) -> bool:
+        return any(m.topic == str(topics.cmd(dev)) for m in list(fleet.devices[dev].messages))
+
+    wait_until(lambda: told("dev-1") or told("dev-2"), 10, "the canary's command")
+    canary, other = ("dev-1", "dev-2") if told("dev-1") else ("dev-2", "dev-1")
+    assert not told(other), "the second device waits for the canary"
+    _answer(fleet, canary, rid, 7, 0.93, seq=100)
+    wait_until(lambda: told(other), 15, "the wave after the canary")
+    _answer(fleet, other, rid, 7, 0.5, seq=101)
+    wait_until(lambda: fleet.api.get(f"/api/v1/rollouts/{rid}").json()["state"] == "aborted", 15, "the abort")
+
+    tab.goto(f"{fleet.url}/dashboard/#/rollouts")
+    tab.locator("#rollout-table").wait_for()
+    tab.locator("#rollout-table a", has_text=rid).click()
+    tab.locator(f"#rollout[data-rollout='{rid}']").wait_for()
+    waves = tab.locator("#waves tbody tr")
+    assert waves.count() == 2
+    first, second = waves.nth(0).inner_text(), waves.nth(1).inner_text()
+    assert "canary" in first and "succeeded 1" in first and "100% succeeded (needs 90%)" in first
+    assert "accuracy mean 0.93, min 0.93, n=1 (gate 0.80: met)" in first
+    assert "failed 1" in second and "100% failed (aborts at 20%)" in second
+    assert "accuracy mean 0.50, min 0.50, n=1 (gate 0.80: missed)" in second
+    segments = waves.nth(1).locator(".bar span").evaluate_all("s => s.map(x => [x.className, x.style.width])")
+    assert ["seg-failed", "100%"] in segments
+    assert "aborted" in text(tab, "#rollout") and "accuracy at least 0.80" in text(tab, "#rollout")
     assert errors == []
 
 

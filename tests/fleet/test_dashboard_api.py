@@ -14,7 +14,6 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
 
 from fleet import crud, dashboard
 from fleet.dashboard import CSP, FILES
@@ -81,7 +80,7 @@ def test_overview_counts_versions_failures_and_recent_reports(client: TestClient
     recent = [(x["device_id"], x["state"]) for x in o["recent_reports"]]
     assert recent[:2] == [("dev-c", "active"), ("dev-c", "failed")] and len(recent) == 6
     assert o["mqtt_connected"] is True
-    assert o["rollouts_api"] is False  # the rollout API is not on this branch yet (tests/browser adds one)
+    assert o["rollouts_api"] is True
 
 
 def test_overview_of_an_empty_fleet(client: TestClient) -> None:
@@ -100,19 +99,24 @@ def samples(family) -> dict[tuple, float]:
     return {tuple(sorted(s.labels.items())): s.value for s in family.samples}
 
 
-def test_metrics_count_devices_by_state_and_rollouts_once_a_table_exists(client: TestClient) -> None:
+def test_metrics_count_devices_by_state_and_rollouts_by_state(client: TestClient, make_bundle) -> None:
     seed(client)
     fams = scrape(client)
     assert samples(fams["slmops_devices_by_state"]) == {
         (("state", "online"),): 2, (("state", "offline"),): 2, (("state", "revoked"),): 1,
     }
-    assert fams["slmops_rollouts"].type == "gauge" and fams["slmops_rollouts"].samples == []  # no rollouts table
-    with client.app.state.fleet.db.engine.begin() as conn:  # the shape the rollout engine's table has
-        conn.execute(text("CREATE TABLE rollouts (id VARCHAR(32) PRIMARY KEY, state VARCHAR(16) NOT NULL)"))
-        conn.execute(text("INSERT INTO rollouts VALUES ('r1', 'running'), ('r2', 'running'), ('r3', 'aborted')"))
+    assert fams["slmops_rollouts"].type == "gauge" and set(samples(fams["slmops_rollouts"]).values()) == {0}
+    assert client.post("/api/v1/bundles", content=make_bundle("tiny", 5).read_bytes()).status_code == 201
+    made = []
+    for _ in range(3):  # each supersedes the one before
+        r = client.post("/api/v1/rollouts", json={"bundle": {"name": "tiny", "version": 5}, "target": {"group": "lab"},
+                                                  "gate": {"no_regression": False}})
+        assert r.status_code == 201, r.text
+        made.append(r.json()["id"])
+    assert client.post(f"/api/v1/rollouts/{made[-1]}/pause").status_code == 200
     got = samples(scrape(client)["slmops_rollouts"])
-    assert got[(("state", "running"),)] == 2 and got[(("state", "aborted"),)] == 1
-    assert got[(("state", "paused"),)] == 0 and len(got) == 6
+    assert got[(("state", "superseded"),)] == 2 and got[(("state", "paused"),)] == 1
+    assert got[(("state", "running"),)] == 0 and len(got) == 6
 
 
 # ---- the Grafana dashboard in deploy/ ---------------------------------------------------------------------------

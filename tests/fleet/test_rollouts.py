@@ -13,12 +13,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from fleet import crud, rollouts
 from fleet.db import Database, open_database
 from fleet.errors import GateError, NotFoundError, RolloutStateError
-from fleet.models import Bundle, DeploymentTarget, OutboxMessage, Rollout
+from fleet.models import DeploymentTarget, OutboxMessage, Rollout
 from fleet.settings import Settings
 from fleet.strategy import Gate, Step, Strategy, TargetQuery, Window
 from protocol.manifest import EvalMetrics, FileEntry, Manifest

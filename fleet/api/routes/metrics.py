@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from sqlalchemy import column, func, inspect, select
-from sqlalchemy import table as table_of
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from protocol.root import Root
 
-from ... import crud, overview
+from ... import crud, overview, rollouts
+from ...models import Rollout
 from ...trust import trust_for
 from ..deps import FleetDep, SessionDep, metrics_access
 
@@ -47,26 +47,23 @@ class FleetCollector:
                                     value=self.root.expires.timestamp())
 
 
-ROLLOUT_STATES = ("running", "paused", "succeeded", "aborted", "cancelled", "superseded")
-ROLLOUTS_TABLE = "rollouts"
+ROLLOUT_STATES = (rollouts.RUNNING, rollouts.PAUSED, rollouts.SUCCEEDED, rollouts.ABORTED, rollouts.CANCELLED,
+                  rollouts.SUPERSEDED)
 
 
 def state_metrics(s: Session) -> Iterator[Metric]:
-    """Devices by state (online, offline, revoked) and rollouts by state. The rollouts gauge has a sample per
-    known state once a `rollouts` table exists (its `state` column); without the table it is declared, empty."""
+    """Devices by state (online, offline, revoked) and rollouts by state (a sample for every state, 0 included)."""
     st = overview.device_states(s)
     devices = GaugeMetricFamily("slmops_devices_by_state", "Devices by state (online and offline exclude revoked)",
                                 labels=["state"])
     for state, n in (("online", st.online), ("offline", st.offline), ("revoked", st.revoked)):
         devices.add_metric([state], n)
     yield devices
-    rollouts = GaugeMetricFamily("slmops_rollouts", "Rollouts by state", labels=["state"])
-    if inspect(s.get_bind()).has_table(ROLLOUTS_TABLE):
-        table = table_of(ROLLOUTS_TABLE, column("state"))
-        counts = {state: n for state, n in s.execute(select(table.c.state, func.count()).group_by(table.c.state)).tuples()}
-        for state in sorted(set(ROLLOUT_STATES) | set(counts)):
-            rollouts.add_metric([str(state)], counts.get(state, 0))
-    yield rollouts
+    family = GaugeMetricFamily("slmops_rollouts", "Rollouts by state", labels=["state"])
+    counts = {state: n for state, n in s.execute(select(Rollout.state, func.count()).group_by(Rollout.state)).tuples()}
+    for state in sorted(set(ROLLOUT_STATES) | set(counts)):
+        family.add_metric([str(state)], counts.get(state, 0))
+    yield family
 
 
 @router.get("/metrics", dependencies=[Depends(metrics_access)])
