@@ -1,0 +1,156 @@
+"""A fleet killed (SIGKILL) in the middle of a rollout and started again continues where it stopped: every device
+is updated exactly once, none skipped, none twice. The fleet runs as `slmops fleet serve` in its own process on
+a real broker (embedded amqtt in the test, with a persistent session for the fleet, so reports sent while it is
+down wait for it); the devices answer their commands the way the agent does, a little later, so the kill lands
+while commands and reports are in flight."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+
+from protocol import topics
+from protocol.messages import DeployCommand, StatusReport, UpdateState, encode, parse_message
+from tests.fleet.conftest import ADMIN, ADMIN_TOKEN, BROKER_PASSWORD, Device, make_model_dir
+from tests.net import embedded_broker, free_port, wait_port
+
+from fleet.bundles import build_bundle
+from protocol.trust import generate_keypair
+
+pytestmark = pytest.mark.integration
+
+N_DEVICES = 12
+ANSWER_AFTER_S = 0.4  # a device's update takes this long before it reports active
+
+
+class SlowDevice:
+    def __init__(self, port: int, device_id: str) -> None:
+        self.device_id, self.seq, self.lock = device_id, 0, threading.Lock()
+        self.updates: list[str] = []  # deployment ids it ran (a replayed seq is dropped, as the agent's gate does)
+        self.dev = Device(port, f"slmops-agent-{device_id}")
+        self.dev.client.on_message = self._on_message
+        self.dev.subscribe(str(topics.cmd(device_id)))
+        self.reports = 0
+
+    def _on_message(self, _c: object, _u: object, msg: object) -> None:
+        cmd = parse_message(msg.payload)  # type: ignore[attr-defined]
+        if not isinstance(cmd, DeployCommand):
+            return
+        with self.lock:
+            if cmd.seq <= self.seq:
+                return
+            self.seq = cmd.seq
+            if cmd.deployment_id in self.updates:  # asked again: answer with the outcome, as the agent does
+                self._report(cmd, UpdateState.ACTIVE)
+                return
+            self.updates.append(cmd.deployment_id)
+        self._report(cmd, UpdateState.RECEIVED)
+        threading.Timer(ANSWER_AFTER_S, self._report, (cmd, UpdateState.ACTIVE)).start()
+
+    def _report(self, cmd: DeployCommand, state: UpdateState) -> None:
+        with self.lock:
+            self.reports += 1
+            seq = self.reports
+        report = StatusReport(message_id=uuid.uuid4().hex, seq=seq, sent_at=datetime.now(timezone.utc),
+                              device_id=self.device_id, deployment_id=cmd.deployment_id, bundle_name=cmd.bundle.name,
+                              bundle_version=cmd.bundle.version, state=state,
+                              active_version=cmd.bundle.version if state is UpdateState.ACTIVE else None)
+        self.dev.client.publish(str(topics.status(self.device_id)), encode(report), qos=1)
+
+
+class FleetProcess:
+    def __init__(self, tmp: Path, broker_url: str, pub: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(os.environ, SLMOPS_FLEET_ADMIN_TOKEN=ADMIN_TOKEN, SLMOPS_FLEET_BROKER_PASSWORD=BROKER_PASSWORD,
+                        SLMOPS_FLEET_CLIENT_ID=f"slmops-fleet-restart-{self.port}", SLMOPS_FLEET_ROLLOUT_TICK_S="0.5")
+        self.args = [sys.executable, "-m", "slmops.cli", "fleet", "serve", "--data-dir", str(tmp / "fleet"),
+                     "--port", str(self.port), "--broker-url", broker_url, "--trusted-key", str(pub)]
+        self.log = tmp / "fleet.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        wait_port(self.port, 30)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[FleetProcess, list[SlowDevice], Path]]:
+    key = generate_keypair()
+    pub = tmp_path / "release.pub"
+    pub.write_bytes(key.public.to_pem())
+    bundle = tmp_path / "tiny-1.bundle"
+    model = make_model_dir(tmp_path / "model", eval_doc='{"dataset": "t", "metrics": {"accuracy": 0.9}}')
+    build_bundle(model, bundle, name="tiny", version=1, signers=[key], now=datetime.now(timezone.utc))
+    with embedded_broker() as broker:
+        fleet = FleetProcess(tmp_path, broker.url, pub)
+        devices: list[SlowDevice] = []
+        try:
+            fleet.start()
+            devices = [SlowDevice(broker.port, f"d{i:02d}") for i in range(N_DEVICES)]
+            yield fleet, devices, bundle
+        finally:
+            fleet.stop()
+            for d in devices:
+                d.dev.close()
+
+
+def _rollout(url: str, rid: str) -> dict:
+    return httpx.get(f"{url}/api/v1/rollouts/{rid}", headers=ADMIN, timeout=10).json()
+
+
+def test_a_fleet_killed_mid_rollout_continues_without_skipping_or_repeating_a_device(world) -> None:
+    fleet, devices, bundle = world
+    api = httpx.Client(base_url=fleet.url, headers=ADMIN, timeout=10)
+    for d in devices:
+        assert api.post("/api/v1/devices", json={"id": d.device_id, "groups": ["lab"]}).status_code == 201
+    assert api.post("/api/v1/bundles", content=bundle.read_bytes()).status_code == 201
+    r = api.post("/api/v1/rollouts", json={"bundle": {"name": "tiny", "version": 1}, "target": {"group": "lab"},
+                                          "strategy": {"canary": {"count": 2}, "waves": [{"percent": 50}, {"percent": 100}],
+                                                       "max_parallel": 3, "success_threshold": 1.0,
+                                                       "resend_after_s": 3600}})
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    deadline = time.monotonic() + 30
+    while _rollout(fleet.url, rid)["counts"]["succeeded"] < 4:  # the canary is done and wave 1 is under way
+        assert time.monotonic() < deadline, "the rollout did not get going"
+        time.sleep(0.05)
+    fleet.kill()
+    killed_at = sum(len(d.updates) for d in devices)
+    assert 0 < killed_at < N_DEVICES
+    time.sleep(1.0)  # reports of devices still updating reach the broker while the fleet is down
+    fleet.start()
+    deadline = time.monotonic() + 60
+    while (state := _rollout(fleet.url, rid))["state"] != "succeeded":
+        assert state["state"] == "running", state["reason"]
+        assert time.monotonic() < deadline, f"the restarted fleet did not finish the rollout: {state['counts']}"
+        time.sleep(0.1)
+    assert state["counts"]["succeeded"] == N_DEVICES
+    assert sorted(len(d.updates) for d in devices) == [1] * N_DEVICES, "every device updated exactly once"
+    assert {u for d in devices for u in d.updates} == {rid}
+    assert "fleet" in fleet.log.read_text(errors="replace").lower()
