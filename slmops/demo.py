@@ -2,8 +2,11 @@
 
 Build the tiny reference model twice (v1 short training, v2 longer), export both to onnxruntime-genai int4 and
 evaluate them, sign bundles v1, v2 and a deliberately broken v3 (v2 with damaged weights), start the fleet with
-its embedded MQTT broker and three agents, roll v1 then v2 then v3 out to group `demo`, ask every agent a question
-through its local API after each rollout, and check that v3 was rolled back everywhere while v2 still answers.
+its embedded MQTT broker and three agents, deploy v1 to group `demo`, then roll v2 out in stages behind a quality
+gate (a canary first; each device scores the bundle's own held-out set in its health check and the next wave opens
+only on those scores), show the gate refusing v1 again (a regression), and roll v3 out the same way: its canary
+fails the health check and rolls back, the rollout aborts, and the other devices never see v3. Every agent is asked
+a question through its local API after each step; v2 must still answer at the end.
 Authentication is on throughout: a trust root signs bundles (2 of 3 keys) and commands, every agent enrols with a
 one-time token for its own broker account and API token; at the end a set of attacks (`slmops.probes`) must each be
 refused. Models are cached in the work folder, so a second run skips training. Exit code 0 only if every check holds.
@@ -27,6 +30,7 @@ from rich.table import Table
 app = typer.Typer(help="Run the whole story on this machine and print a report.")
 console = Console()
 NAME, GROUP = "triage", "demo"
+GATE = 0.5  # label accuracy every device must measure on the bundle's own held-out set for a wave to count
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Rollout:
     targets: dict[str, dict]
     answers: dict[str, tuple[str, str]]
     seconds: float
+    staged: dict | None = None  # the rollout record (waves, state, reason) of a staged rollout
 
 
 def _build_models(work: Path, steps_v1: int, steps_v2: int, fresh: bool) -> list[Built]:
@@ -58,7 +63,7 @@ def _build_models(work: Path, steps_v1: int, steps_v2: int, fresh: bool) -> list
     built = []
     for version, steps in ((1, steps_v1), (2, steps_v2)):
         hf, onnx = models / f"v{version}-hf-{steps}", models / f"v{version}-int4-{steps}"
-        if not (onnx / "eval.json").exists():
+        if not (onnx / "eval.json").exists() or "heldout" not in (onnx / "eval.json").read_text():
             console.print(f"  training v{version}: tiny Qwen2 from scratch, {steps} steps")
             shutil.rmtree(hf, ignore_errors=True)
             build_tiny(hf, steps=steps, seed=0, progress=True)
@@ -94,7 +99,8 @@ def _sign(work: Path, built: list[Built]) -> tuple[Path, list[str]]:
     return keys, [k.keyid for k in signers]
 
 
-STYLE = {"active": ("green", "✓ active"), "rolled_back": ("yellow", "↩ rolled back"), "rejected": ("red", "✗ rejected")}
+STYLE = {"active": ("green", "✓ active"), "rolled_back": ("yellow", "↩ rolled back"), "rejected": ("red", "✗ rejected"),
+         "cancelled": ("cyan", "– never sent: the rollout stopped first")}
 
 
 def _outcome(state: str) -> str:
@@ -103,7 +109,9 @@ def _outcome(state: str) -> str:
 
 
 def _print_rollout(r: Rollout) -> None:
-    t = Table(title=f"{NAME} v{r.version} to group '{GROUP}': every device reported in {r.seconds:.1f}s", title_justify="left")
+    if r.staged is not None:
+        _print_waves(r.staged)
+    t = Table(title=f"{NAME} v{r.version} to group '{GROUP}': settled in {r.seconds:.1f}s", title_justify="left")
     for col in ("device", "result", "serving now", "answer from its local API"):
         t.add_column(col)
     for dev, tgt in sorted(r.targets.items()):
@@ -116,6 +124,28 @@ def _print_rollout(r: Rollout) -> None:
         console.print(f"  reason reported by {', '.join(who)}: [italic]{reason}[/]")
 
 
+def _print_waves(staged: dict) -> None:
+    gate = ", ".join(f"{k} >= {v:g}" for k, v in (staged["gate"].get("min") or {}).items()) or "none"
+    t = Table(title=f"rollout {staged['id'][:8]}: {staged['state'].upper()}, {staged['reason']} (gate: {gate})",
+              title_justify="left")
+    for col in ("wave", "state", "devices", "updated", "failed", "never sent", "score the devices measured"):
+        t.add_column(col)
+    for w in staged["waves"]:
+        c, s = w["counts"], w.get("score")
+        score = f"{s['metric']} {s['mean']:.2f} (min {s['min']:.2f}, n={s['n']})" if s else "-"
+        t.add_row(w["name"], w["state"], str(w["size"]), str(c["succeeded"]), str(c["failed"] + c["rolled_back"]),
+                  str(c["cancelled"]), score)
+    console.print(t)
+
+
+def _staged(version: int, gate: float) -> dict:
+    """A canary of one device, then everyone; any failure aborts; the gate on the devices' own scores."""
+    return {"bundle": {"name": NAME, "version": version}, "target": {"group": GROUP},
+            "strategy": {"canary": {"count": 1}, "waves": [{"percent": 100}], "success_threshold": 1.0,
+                         "error_threshold": 0.0, "device_timeout_s": 300},
+            "gate": {"min": {"label_accuracy": gate}, "no_regression": True}}
+
+
 @app.callback(invoke_without_command=True)
 def demo(
     workdir: Path = typer.Option(Path("demo-out"), help="Work folder: models, keys, bundles, fleet data, agent data, logs."),
@@ -126,7 +156,7 @@ def demo(
     fresh: bool = typer.Option(False, help="Retrain the models even if the work folder has them."),
 ) -> None:
     """Run the whole story on this machine and print a report."""
-    from slmops.story import QUESTION, AgentProcess, FleetClient, FleetServer, ask, rollout
+    from slmops.story import QUESTION, AgentProcess, FleetClient, FleetServer, ask, rollout, staged_rollout
 
     started = time.monotonic()
     work = workdir.resolve()
@@ -163,6 +193,7 @@ def demo(
     devices = [f"demo-{i + 1}" for i in range(agents)]
     procs: list[AgentProcess] = []
     rollouts: list[Rollout] = []
+    ok_gate = True
     try:
         for d in devices:  # each agent enrols with its own one-time token: its own broker secret and API token
             identity = client.enrol(d, [GROUP])
@@ -183,21 +214,32 @@ def demo(
             client.upload(b.bundle)
 
         for step, b in enumerate(built, 4):
-            console.rule(f"[bold]{step}. Roll out v{b.version}: {b.note}")
+            staged = b.version > 1
+            how = f"in stages behind a quality gate ({GATE:g} label accuracy)" if staged else "to every device at once"
+            console.rule(f"[bold]{step}. Roll out v{b.version} {how}: {b.note}")
             if b.version == 1:
                 console.print(f"  after each rollout every device is asked: [italic]{QUESTION}[/]")
+            if b.version == 3:
+                refused = client.http.post("/api/v1/rollouts", json=_staged(1, GATE))
+                gate_ok = refused.status_code == 422 and refused.json().get("code") == "gate_failed"
+                ok_gate &= gate_ok
+                console.print(f"  v1 again over v2: {'[green]refused[/]' if gate_ok else '[red]accepted[/]'} by the "
+                              f"quality gate: [italic]{refused.json().get('detail', refused.text)}[/]")
             t0 = time.monotonic()
             with console.status(f"rolling {NAME} v{b.version} out to {len(devices)} devices..."):
-                dep = rollout(client, NAME, b.version, GROUP)
+                if staged:
+                    record, dep = staged_rollout(client, _staged(b.version, GATE))
+                else:
+                    record, dep = None, rollout(client, NAME, b.version, GROUP)
             seconds = time.monotonic() - t0
             targets = {t["device_id"]: t for t in dep["targets"]}
             answers = {p.device_id: ask(p.api_url) for p in procs}
-            r = Rollout(b.version, targets, answers, seconds)
+            r = Rollout(b.version, targets, answers, seconds, record)
             rollouts.append(r)
             _print_rollout(r)
 
         console.rule("[bold]7. What the fleet recorded")
-        ok = _summary(client, devices, rollouts)
+        ok = _summary(client, devices, rollouts) and ok_gate
 
         console.rule("[bold]8. Attacks the fleet and the agents refuse")
         ok &= _attacks(fleet, client, procs, built[0].folder, work)
@@ -207,7 +249,8 @@ def demo(
         client.close()
         fleet.stop()
     verdict = "[green]PASS[/]" if ok else "[red]FAIL[/]"
-    console.print(Panel.fit(f"{verdict}: v1 -> v2 -> v3 rejected and rolled back on all {len(devices)} agents, every attack refused; "
+    console.print(Panel.fit(f"{verdict}: v1 -> v2 in stages -> v3 caught by its canary, the other {len(devices) - 1} agents "
+                            "never saw it; v1's regression refused; every attack refused; "
                             f"{time.monotonic() - started:.0f}s in all. Work folder: {work}", border_style="green" if ok else "red"))
     raise typer.Exit(0 if ok else 1)
 
@@ -232,12 +275,17 @@ def _summary(client, devices: list[str], rollouts: list[Rollout]) -> bool:
     t = Table(title="what the fleet recorded, per device", title_justify="left")
     for col in ("device", *(f"v{r.version}" for r in rollouts), "serving now", "online"):
         t.add_column(col)
-    expected = {1: "active", 2: "active", 3: "rolled_back"}
     ok, chains = True, {}
+    v3 = next(r for r in rollouts if r.version == 3)
+    canaries = [d for d, tgt in v3.targets.items() if tgt["state"] != "cancelled"]
+    ok &= len(canaries) == 1 and v3.staged is not None and v3.staged["state"] == "aborted"
+    v2 = next(r for r in rollouts if r.version == 2)
+    ok &= v2.staged is not None and v2.staged["state"] == "succeeded"
     for dev in devices:
         detail = client.device(dev)
         outcomes = [r.targets[dev]["state"] for r in rollouts]
         serving = (detail.get("active") or {}).get("version")
+        expected = {1: "active", 2: "active", 3: "rolled_back" if dev in canaries else "cancelled"}
         ok &= outcomes == [expected[r.version] for r in rollouts] and serving == 2
         ok &= all(r.answers[dev][0] == f"{NAME}:v{2 if r.version == 3 else r.version}" for r in rollouts)
         t.add_row(dev, *map(_outcome, outcomes), f"v{serving}", "yes" if detail["online"] else "no")

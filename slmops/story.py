@@ -306,6 +306,25 @@ def rollout(client: FleetClient, name: str, version: int, group: str, timeout: f
     return client.wait(dep["id"], timeout=timeout)
 
 
+ROLLOUT_FINAL = {"succeeded", "aborted", "cancelled", "superseded"}
+
+
+def staged_rollout(client: FleetClient, body: dict, timeout: float = 300.0) -> tuple[dict, dict]:
+    """Start a staged rollout (POST /api/v1/rollouts `body`) and wait until it has ended and every device it sent
+    a command has answered; returns (rollout, its deployment with each target's state)."""
+    r = client._ok(client.http.post("/api/v1/rollouts", json=body))
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client._ok(client.http.get(f"/api/v1/rollouts/{r['id']}"))
+        dep = client.deployment(r["id"])
+        settled = all(t["state"] in TERMINAL | {"cancelled"} for t in dep["targets"])
+        if r["state"] in ROLLOUT_FINAL and settled:
+            return r, dep
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rollout {r['id']} still {r['state']} after {timeout:g}s: {r['reason']}")
+        time.sleep(0.2)
+
+
 def ask(api_url: str, question: str = QUESTION, max_tokens: int = 32) -> tuple[str, str]:
     """Ask a device's local OpenAI-compatible API; return (model id, answer)."""
     r = httpx.post(
