@@ -1,7 +1,7 @@
 """Fuzzing the HTTP bodies the fleet accepts and the answers and files the agent reads about its identity.
 
 Parsers (`PARSERS`, run long by `bench/fuzz.py`) and what may come out of them:
-    fleet_device, fleet_deployment, fleet_token, fleet_enrolment_token, fleet_enrol
+    fleet_device, fleet_deployment, fleet_token, fleet_enrolment_token, fleet_enrol, fleet_rollout, fleet_tags
                     a request body the way FastAPI takes it: starlette's `json.loads(body)` (JSONDecodeError is a
                     422, any other exception a 400, so only ValueError and RecursionError are allowed), then
                     `Model.model_validate(doc, from_attributes=True)`; and `Model.model_validate_json(body)`.
@@ -43,8 +43,10 @@ from pydantic import BaseModel, ValidationError
 
 from agent.enrol import MAX_IDENTITY_BYTES, SECRET_RE, URL_RE, Identity, enrol, identity_path, load_identity
 from fleet.api.schemas import (
-    GROUP_RE, DeploymentCreate, DeviceCreate, EnrolmentTokenCreate, EnrolRequest, TokenCreate,
+    GROUP_RE, DeploymentCreate, DeviceCreate, EnrolmentTokenCreate, EnrolRequest, RolloutCreate, TagsUpdate,
+    TokenCreate,
 )
+from fleet.strategy import METRIC_RE, TAG_KEY_RE, TAG_VALUE_RE
 from fleet.auth import MAX_ENROL_TTL, NAME_RE as TOKEN_NAME_RE, ROLES, TOKEN_RE
 from fleet.bundles import signer_keyids, read_bundle_envelope, verify_bundle
 from fleet.dynsec import DynsecAccounts
@@ -101,7 +103,30 @@ BODIES: dict[str, tuple[type[BaseModel], st.SearchStrategy]] = {
     "fleet_enrol": (EnrolRequest, st.fixed_dictionaries({"token": st.from_regex(TOKEN_RE, fullmatch=True),
                                                          "device_id": device_ids.filter(lambda v: v != "fleet")})),
 }
-BODY_FIELDS = ("id", "groups", "bundle", "version", "device_id", "group", "name", "role", "ttl_s", "token")
+tag_keys = st.from_regex(TAG_KEY_RE, fullmatch=True).filter(lambda k: k != "group")
+tag_values = st.from_regex(TAG_VALUE_RE, fullmatch=True)
+queries = st.dictionaries(tag_keys, tag_values, min_size=1, max_size=4).map(
+    lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+steps = st.one_of(st.fixed_dictionaries({"count": st.integers(1, 1000)}),
+                  st.fixed_dictionaries({"percent": st.floats(0.5, 100)}))
+shares = st.floats(0, 1)
+strategies = st.fixed_dictionaries({}, optional={
+    "canary": st.none() | steps, "waves": st.lists(steps, min_size=1, max_size=4), "success_threshold": shares,
+    "error_threshold": shares, "max_parallel": st.integers(1, 10_000), "device_timeout_s": st.integers(5, 86_400),
+    "resend_after_s": st.integers(1, 3600), "timeout_as": st.sampled_from(["failed", "pending"]),
+    "window": st.none() | st.just({"start": "01:00", "end": "05:00"}), "rollback_on_abort": st.booleans(),
+    "pause_between_waves": st.booleans()})
+gates = st.fixed_dictionaries({}, optional={"min": st.dictionaries(st.from_regex(METRIC_RE, fullmatch=True), shares,
+                                                                    max_size=3), "no_regression": st.booleans()})
+BODIES["fleet_rollout"] = (RolloutCreate, st.fixed_dictionaries(
+    {"bundle": st.fixed_dictionaries({"name": bundle_names, "version": versions}),
+     "target": st.one_of(st.fixed_dictionaries({"group": st.from_regex(GROUP_RE, fullmatch=True)}),
+                         st.fixed_dictionaries({"query": queries}))},
+    optional={"strategy": strategies, "gate": gates}))
+BODIES["fleet_tags"] = (TagsUpdate, st.fixed_dictionaries(
+    {"tags": st.dictionaries(tag_keys, st.none() | tag_values, max_size=5)}))
+BODY_FIELDS = ("id", "groups", "bundle", "version", "device_id", "group", "name", "role", "ttl_s", "token",
+               "target", "query", "strategy", "gate", "waves", "canary", "min", "tags", "window")
 
 
 def check_body(model: type[BaseModel]) -> Callable[[bytes], list[BaseModel]]:
