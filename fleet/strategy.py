@@ -37,6 +37,9 @@ METRIC_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")  # eval metric names, always wit
 TAG_KEY_RE = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 TAG_VALUE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_QUERY_TERMS = 8
+# Quality metrics where higher is better: the ones `no_regression` compares (latency, sizes and speeds are left to
+# budgets, and a noisy speed figure must not block a better model).
+QUALITY_RE = re.compile(r"[a-z0-9_]*(accuracy|exact_match|f1|precision|recall|format_rate|score)")
 
 
 class _Record(BaseModel):
@@ -206,7 +209,8 @@ def check_bundle_gate(
     replaced: Mapping[str, Mapping[str, float]],
 ) -> None:
     """GateError unless the bundle's manifest metrics meet every minimum and, with `no_regression`, are at least
-    those of each bundle it replaces (`replaced`: "name vN" -> its metrics) on every metric both carry."""
+    those of each bundle it replaces (`replaced`: "name vN" -> its metrics) on every quality metric both carry (a
+    name `QUALITY_RE` matches, or one the gate names)."""
     for name, floor in sorted(gate.min.items()):
         if name not in metrics:
             have = ", ".join(sorted(metrics)) or "none"
@@ -217,6 +221,8 @@ def check_bundle_gate(
     if gate.no_regression:
         for old, old_metrics in sorted(replaced.items()):
             for name in sorted(set(metrics) & set(old_metrics)):
+                if not (QUALITY_RE.fullmatch(name) or name in gate.min):
+                    continue
                 if metrics[name] < old_metrics[name]:
                     raise GateError(f"{bundle} scores {name} {metrics[name]:.4g}, below the {old_metrics[name]:.4g} of "
                                     f"{old} that it replaces (no_regression); improve the model or set "

@@ -317,9 +317,11 @@ def test_the_bundle_gate_refuses_and_changes_nothing(fleet: Fleet, case: str, me
 
 
 def test_the_bundle_gate_passes_a_better_bundle(fleet: Fleet) -> None:
-    fleet.devices(2, active=("tiny", 1))
-    rid = fleet.start(version=2, gate=Gate(min={"accuracy": 0.8}, no_regression=True), canary=None)
-    assert fleet.show(rid).state == "running"
+    fleet.bundle(3, {"accuracy": 0.80, "latency_ms_mean": 9.0, "tokens_per_s": 300.0})
+    fleet.bundle(4, {"accuracy": 0.85, "latency_ms_mean": 4.0, "tokens_per_s": 200.0})
+    fleet.devices(2, active=("tiny", 3))
+    rid = fleet.start(version=4, gate=Gate(min={"accuracy": 0.8}, no_regression=True), canary=None)
+    assert fleet.show(rid).state == "running", "lower latency and a lower speed figure are not a quality regression"
 
 
 def test_a_wave_advances_only_on_scores_the_devices_measured(fleet: Fleet) -> None:
