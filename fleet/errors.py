@@ -74,3 +74,10 @@ class BrokerAccountsError(FleetError):
     """The MQTT broker did not take the account change (mosquitto dynamic security); retry the request."""
 
     code = "broker_accounts"
+
+
+class SchemaError(FleetError):
+    """The database's schema cannot be brought to this fleet's: it is at a revision this fleet does not know (a newer
+    slmops migrated it), or it holds an older fleet's tables without the columns revision 0001 expects."""
+
+    code = "schema"
