@@ -6,6 +6,7 @@
                  revoke | reinstate | audit            devices' identities and the audit log (admin token)
                  token create|list|revoke              API tokens (admin token)
                  enrol-token create|list               one-time enrolment tokens for devices (admin token)
+                 db upgrade|current|history|revision   the database's schema (fleet/db_cli.py; no running fleet)
     bundle_app   build | sign | verify | inspect       bundle files on this machine
 
 Heavy modules (sqlalchemy, fastapi, uvicorn, amqtt, httpx) are imported inside the commands that need them, so
@@ -515,3 +516,7 @@ def _read(path: Path) -> bytes:
 
 
 from . import rollout_cli as _rollout_cli  # noqa: E402,F401  (mounts `rollout`, `groups`, `tag` on `app`)
+# `slmops fleet db ...` lives in fleet/db_cli.py, which imports _errors and out from here: wired last.
+from .db_cli import app as _db_app  # noqa: E402
+
+app.add_typer(_db_app, name="db")

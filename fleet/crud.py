@@ -19,6 +19,7 @@ from protocol.manifest import Manifest
 from protocol.messages import Presence, StatusReport, Telemetry
 
 from .models import (
+    AGENT_VERSION_CHARS,
     PENDING,
     Bundle,
     Command,
@@ -62,7 +63,8 @@ def _insert_device(s: Session, *, device_id: str, now: datetime) -> bool:
         s.add(Device(**values))
         s.flush()
         return True
-    return s.execute(insert(Device).values(**values).on_conflict_do_nothing(index_elements=["id"])).rowcount == 1
+    stmt = insert(Device).values(**values).on_conflict_do_nothing(index_elements=["id"]).returning(Device.id)
+    return s.execute(stmt).first() is not None  # RETURNING, not rowcount: an ORM insert on PostgreSQL reports -1
 
 
 def heard_from(s: Session, *, device_id: str, now: datetime) -> Device:
@@ -76,9 +78,12 @@ def register_device(s: Session, *, device_id: str, groups: Sequence[str], now: d
     """Create or update a device and replace its groups; returns (device, created).
 
     Safe against a concurrent first MQTT message and a concurrent registration of the same device: the row is
-    upserted first (so `created` is true for exactly one caller), then the groups are replaced with a DELETE and
-    INSERT ... ON CONFLICT DO NOTHING inside the caller's transaction, never from a collection read earlier."""
+    upserted first (so `created` is true for exactly one caller) and locked (SELECT ... FOR UPDATE: on PostgreSQL
+    two registrations of one device would otherwise interleave their group changes; SQLite's write lock, taken by
+    the upsert, serialises them already), then the groups are replaced with a DELETE and INSERT ... ON CONFLICT DO
+    NOTHING inside the caller's transaction, never from a collection read earlier."""
     created = _insert_device(s, device_id=device_id, now=now)
+    s.get_one(Device, device_id, with_for_update=True, populate_existing=True)
     wanted = sorted(set(groups))
     s.execute(delete(DeviceGroup).where(DeviceGroup.device_id == device_id, DeviceGroup.group.not_in(wanted)))
     insert = _UPSERT.get(s.get_bind().dialect.name)
@@ -135,8 +140,8 @@ def count_devices(s: Session) -> tuple[int, int]:
 def record_presence(s: Session, *, msg: Presence, now: datetime) -> Device:
     device = heard_from(s, device_id=msg.device_id, now=now)
     device.online = msg.online
-    if msg.agent_version:
-        device.agent_version = msg.agent_version
+    if msg.agent_version:  # free text from the device: kept to the column's size (PostgreSQL refuses longer)
+        device.agent_version = msg.agent_version[:AGENT_VERSION_CHARS]
     if msg.online:  # an online device says what it serves now (None: nothing installed yet)
         device.active_name = msg.active.name if msg.active else None
         device.active_version = msg.active.version if msg.active else None
@@ -168,7 +173,7 @@ def record_telemetry(s: Session, *, msg: Telemetry, now: datetime) -> bool:
     dialect = s.get_bind().dialect.name
     if dialect in _UPSERT:
         stmt = _UPSERT[dialect](TelemetrySample).values(**values).on_conflict_do_nothing(index_elements=["message_id"])
-        return s.execute(stmt).rowcount == 1
+        return s.execute(stmt.returning(TelemetrySample.id)).first() is not None  # a row back: this call stored it
     if s.scalar(select(TelemetrySample.id).where(TelemetrySample.message_id == msg.message_id)) is not None:
         return False
     s.add(TelemetrySample(**values))

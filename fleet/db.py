@@ -1,8 +1,11 @@
-"""Engine and sessions: `open_database(url)` makes the engine, creates missing tables and returns a session factory.
+"""Engine and sessions: `open_database(url)` makes the engine, migrates the schema to head and returns a session factory.
 
 Callers open one short session per unit of work (`with factory() as s, s.begin(): ...`): an HTTP request, one
 inbound MQTT message. SQLite runs in WAL mode with a busy timeout so the MQTT thread and the HTTP workers can
-write side by side; foreign keys are switched on for SQLite, which leaves them off by default.
+write side by side; foreign keys are switched on for SQLite, which leaves them off by default. The schema comes
+from the Alembic revisions in fleet/migrations (fleet/migrate.py runs them under a lock, so fleet processes that
+start together on one database take turns). URLs: `sqlite:///path/fleet.db` (the default) or
+`postgresql+psycopg://user:password@host:5432/dbname` (psycopg 3).
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from protocol.errors import ConfigError
 
-from .models import Base
+from . import migrate
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # milliseconds a writer waits for another's lock before failing
 
@@ -32,20 +35,34 @@ class Database:
         self.engine.dispose()
 
 
-def open_database(url: str) -> Database:
+def open_database(url: str, *, upgrade: bool = True) -> Database:
+    """The database at `url`, its schema brought to head first unless `upgrade` is False (`slmops fleet db`)."""
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
         raise ConfigError(f"database_url {url!r} is not a database URL: {exc}") from exc
+    if parsed.drivername == "postgresql":  # the driver slmops[fleet] installs (SQLAlchemy would pick psycopg2)
+        parsed = parsed.set(drivername="postgresql+psycopg")
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(parsed, **kwargs)
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except (ImportError, NoSuchModuleError) as exc:
+        raise ConfigError(
+            f"database_url {parsed.render_as_string(hide_password=True)!r} needs a driver that is not installed "
+            f"({exc}): use sqlite:///... or postgresql+psycopg://... (pip install 'slmops[fleet]')"
+        ) from exc
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    Base.metadata.create_all(engine)
+    if upgrade:
+        try:
+            migrate.upgrade(engine)
+        except BaseException:
+            engine.dispose()
+            raise
     return Database(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))
 
 

@@ -93,3 +93,10 @@ class TelemetryQueryError(FleetError):
     too many points)."""
 
     code = "bad_telemetry_query"
+
+
+class SchemaError(FleetError):
+    """The database's schema cannot be brought to this fleet's: it is at a revision this fleet does not know (a newer
+    slmops migrated it), or it holds an older fleet's tables without the columns revision 0001 expects."""
+
+    code = "schema"

@@ -17,6 +17,8 @@
     audit_log           who changed what, when (append-only)
 
 Timestamps are stored as naive UTC and come back timezone-aware (`UTCDateTime`), on SQLite and PostgreSQL alike.
+The schema is built by the Alembic revisions in fleet/migrations, never by create_all: a change here needs a new
+revision (fleet/migrations/README.md), and tests/fleet/test_migrations.py fails until it has one.
 """
 
 from __future__ import annotations
@@ -24,10 +26,23 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, LargeBinary, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 PENDING = "pending"  # a deployment target's state before the device reports anything
+AGENT_VERSION_CHARS = 64  # characters of a device's agent_version kept (the presence message does not bound it)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -47,8 +62,14 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=timezone.utc) if value is not None else None
 
 
+# Every integer is 64-bit: versions, sizes, seqs and counters go up to protocol.manifest.MAX_VERSION (2**63 - 1),
+# and ids of append-only tables outgrow 32 bits (telemetry at 10,000 samples/s in under three days). On SQLite,
+# where every INTEGER is 64-bit already, the type stays INTEGER: only "INTEGER PRIMARY KEY" is the rowid.
+BigInt = BigInteger().with_variant(Integer(), "sqlite")
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime}
+    type_annotation_map = {datetime: UTCDateTime, int: BigInt}
 
 
 class Device(Base):
@@ -58,7 +79,7 @@ class Device(Base):
     registered_at: Mapped[datetime]
     online: Mapped[bool] = mapped_column(default=False)
     last_seen: Mapped[datetime | None]
-    agent_version: Mapped[str] = mapped_column(String(64), default="")
+    agent_version: Mapped[str] = mapped_column(String(AGENT_VERSION_CHARS), default="")
     active_name: Mapped[str | None] = mapped_column(String(64))
     active_version: Mapped[int | None]
     broker_secret_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 hex of its MQTT password; None: none

@@ -1,6 +1,7 @@
 """Fixtures for the fleet tests: real keys, fake model folders, a real amqtt broker on a free port, a real fleet
 app (SQLite file in tmp_path, authentication on, the bootstrap admin token sent by `client`) behind FastAPI's
-TestClient, and paho clients that play devices."""
+TestClient, and paho clients that play devices. A test marked `@pytest.mark.both_databases` runs twice, the second
+time with the fleet on a fresh PostgreSQL database."""
 
 from __future__ import annotations
 
@@ -130,10 +131,14 @@ def broker() -> Iterator[EmbeddedBroker]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, broker: EmbeddedBroker, key: PrivateKey) -> Settings:
-    """A fleet that trusts `key` (the signer of `make_bundle`), with the test admin token and broker password."""
+def settings(tmp_path: Path, broker: EmbeddedBroker, key: PrivateKey, db_backend: str, request: pytest.FixtureRequest) -> Settings:
+    """A fleet that trusts `key` (the signer of `make_bundle`), with the test admin token and broker password; its
+    database is the SQLite file in its data folder, or a fresh PostgreSQL database for a test marked
+    `both_databases` in its postgresql run (tests/conftest.py)."""
+    database = {} if db_backend == "sqlite" else {"database_url": request.getfixturevalue("backend_url")}
     return secure_settings(
-        tmp_path / "fleet", key, broker_url=broker.url, public_url="http://fleet.test:8700", client_id="slmops-fleet-test"
+        tmp_path / "fleet", key, broker_url=broker.url, public_url="http://fleet.test:8700", client_id="slmops-fleet-test",
+        **database,
     )
 
 

@@ -314,6 +314,7 @@ def test_only_hashes_of_tokens_and_broker_secrets_are_stored(world: World, setti
     assert "slm_" not in listed and "hash" not in listed
 
 
+@pytest.mark.both_databases
 def test_every_change_is_audited_with_its_actor(client: TestClient, make_bundle) -> None:
     _, ops = make_token(client, "ops", "operator")
     assert client.post("/api/v1/devices", json={"id": "dev-a", "groups": ["lab"]}).status_code == 201
@@ -383,6 +384,7 @@ def enrolment_token(c: TestClient, **body: Any) -> str:
     return r.json()["token"]
 
 
+@pytest.mark.both_databases
 def test_enrolment_gives_a_device_its_own_credentials(enrol_client: TestClient, settings: Settings, accounts: Accounts, make_bundle) -> None:
     c = enrol_client
     token = enrolment_token(c, device_id="pump-1")
@@ -481,6 +483,7 @@ def test_a_broker_that_refuses_the_account_undoes_the_enrolment(settings: Settin
         assert _state(c) == before  # the token is still unused: the device may try again
 
 
+@pytest.mark.both_databases
 def test_revocation_locks_a_device_out_until_reinstated(enrol_client: TestClient, accounts: Accounts) -> None:
     c = enrol_client
     ident = c.post("/api/v1/enrol", json={"token": enrolment_token(c), "device_id": "pump-1"}).json()

@@ -1,5 +1,6 @@
-"""Settings and the database layer on a real SQLite file: derived defaults, UTC timestamps, desired state, and
-command seq numbers that two replicas sharing the database never repeat."""
+"""Settings and the database layer on a real SQLite file and a real PostgreSQL database (`db_url` runs each test on
+both): derived defaults, UTC timestamps, desired state, 64-bit integers, command seq numbers that two replicas
+sharing the database never repeat, and registrations racing first messages."""
 
 from __future__ import annotations
 
@@ -7,16 +8,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from fleet import crud
 from fleet.db import open_database
 from fleet.deployments import plan_deployment
-from fleet.models import OutboxMessage
-from sqlalchemy import select
+from fleet.models import AGENT_VERSION_CHARS, Bundle, OutboxMessage, TelemetrySample
 from fleet.rollouts import RolloutSpec, create_rollout
 from fleet.strategy import Gate, Strategy, TargetQuery
 from protocol.messages import parse_message
-from fleet.models import Bundle
 from fleet.settings import Settings
 from protocol.errors import ConfigError
 from protocol.manifest import FileEntry, Manifest
@@ -41,8 +41,8 @@ def test_bad_database_url_is_a_config_error() -> None:
         open_database("definitely not a url")
 
 
-def test_registering_again_replaces_groups(tmp_path: Path) -> None:
-    db = open_database(f"sqlite:///{tmp_path / 'f.db'}")
+def test_registering_again_replaces_groups(db_url: str) -> None:
+    db = open_database(db_url)
     try:
         for groups in (["lab", "edge"], ["lab", "north"], []):
             with db.sessions() as s, s.begin():
@@ -54,13 +54,42 @@ def test_registering_again_replaces_groups(tmp_path: Path) -> None:
         db.close()
 
 
+def test_the_protocols_largest_integers_and_long_free_text_are_stored(db_url: str) -> None:
+    """Versions, sizes and counters up to 2**63 - 1 (a 32-bit INTEGER on PostgreSQL would refuse them), and an
+    agent_version longer than its column (kept to AGENT_VERSION_CHARS instead of failing the message)."""
+    from protocol.manifest import MAX_VERSION
+    from protocol.messages import Presence, Telemetry
+
+    db = open_database(db_url)
+    try:
+        with db.sessions() as s, s.begin():
+            manifest = Manifest(name="big", version=MAX_VERSION, files=(FileEntry(path="m.onnx", size=1, sha256="a" * 64),),
+                                created=NOW)
+            crud.add_bundle(s, manifest=manifest, sha256="b" * 64, size=8 << 30, storage_path="x", signer_keyids=[], now=NOW)
+            crud.record_presence(s, msg=Presence(device_id="dev", online=True, agent_version="v" * 300, seq=MAX_VERSION,
+                                                 sent_at=NOW), now=NOW)
+            assert crud.record_telemetry(s, msg=Telemetry(
+                device_id="dev", uptime_s=1e12, requests_total=MAX_VERSION, tokens_generated_total=MAX_VERSION - 1,
+                tokens_per_s=0, cpu_percent=1, memory_rss_mb=50, memory_percent=1, seq=MAX_VERSION, sent_at=NOW), now=NOW)
+        with db.sessions() as s:
+            bundle = crud.get_bundle(s, name="big", version=MAX_VERSION)
+            assert bundle is not None and bundle.size == 8 << 30
+            device = crud.get_device(s, device_id="dev")
+            assert device is not None and device.agent_version == "v" * AGENT_VERSION_CHARS
+            sample = s.scalars(select(TelemetrySample)).one()
+            assert (sample.seq, sample.requests_total, sample.tokens_generated_total) == (
+                MAX_VERSION, MAX_VERSION, MAX_VERSION - 1)
+    finally:
+        db.close()
+
+
 def _bundle(s, version: int) -> Bundle:
     manifest = Manifest(name="tiny", version=version, files=(FileEntry(path="m.onnx", size=1, sha256="a" * 64),), created=NOW)
     return crud.add_bundle(s, manifest=manifest, sha256="b" * 64, size=10, storage_path="x", signer_keyids=[], now=NOW)
 
 
-def test_timestamps_come_back_as_utc_and_newest_deployment_is_desired(tmp_path: Path) -> None:
-    db = open_database(f"sqlite:///{tmp_path / 'f.db'}")
+def test_timestamps_come_back_as_utc_and_newest_deployment_is_desired(tmp_path: Path, db_url: str) -> None:
+    db = open_database(db_url)
     settings = Settings(data_dir=tmp_path)
     try:
         local = datetime(2026, 1, 1, 12, tzinfo=timezone(timedelta(hours=2)))
@@ -82,9 +111,8 @@ def test_timestamps_come_back_as_utc_and_newest_deployment_is_desired(tmp_path: 
         db.close()
 
 
-def test_command_seq_grows_across_replicas_sharing_the_database(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    replica_a, replica_b = open_database(url), open_database(url)
+def test_command_seq_grows_across_replicas_sharing_the_database(tmp_path: Path, db_url: str) -> None:
+    replica_a, replica_b = open_database(db_url), open_database(db_url)
     settings = Settings(data_dir=tmp_path)
     try:
         with replica_a.sessions() as s, s.begin():
@@ -104,7 +132,7 @@ def test_command_seq_grows_across_replicas_sharing_the_database(tmp_path: Path) 
         replica_b.close()
 
 
-def test_concurrent_registrations_and_first_messages_never_fail(tmp_path: Path) -> None:
+def test_concurrent_registrations_and_first_messages_never_fail(db_url: str) -> None:
     """Threads registering the same devices (with different groups) while others store their first presence and
     telemetry: no IntegrityError, each device created once, its groups exactly one registration's."""
     import threading
@@ -114,7 +142,7 @@ def test_concurrent_registrations_and_first_messages_never_fail(tmp_path: Path) 
     from fleet.models import Device
     from protocol.messages import Presence, Telemetry
 
-    database = open_database(f"sqlite:///{tmp_path / 'race.db'}")
+    database = open_database(db_url)
     ids = [f"dev-{i:02d}" for i in range(30)]
     errors: list[BaseException] = []
     created: list[str] = []

@@ -56,6 +56,7 @@ def stored(client: TestClient, make_bundle) -> dict:
     return r.json()
 
 
+@pytest.mark.both_databases
 def test_group_deploy_publishes_one_command_per_device(client: TestClient, devices, stored: dict) -> None:
     for dev, groups in (("dev-a", ["lab"]), ("dev-b", ["lab", "edge"]), ("dev-c", ["edge"])):
         assert client.post("/api/v1/devices", json={"id": dev, "groups": groups}).status_code == 201
@@ -109,6 +110,7 @@ def test_deploy_refusals_say_what_to_do(client: TestClient, stored: dict) -> Non
     assert client.get("/api/v1/deployments").json() == []
 
 
+@pytest.mark.both_databases
 def test_status_reports_land_in_history_and_deployment_state(client: TestClient, devices, stored: dict) -> None:
     client.post("/api/v1/devices", json={"id": "dev-a", "groups": ["lab"]})
     dep = client.post("/api/v1/deployments", json={"bundle": "tiny", "version": 1, "device_id": "dev-a"}).json()
@@ -181,6 +183,7 @@ def test_malformed_payloads_are_dropped_and_ingest_goes_on(client: TestClient, d
     assert client.app.state.fleet.messaging.connected
 
 
+@pytest.mark.both_databases
 def test_telemetry_is_stored(client: TestClient, devices) -> None:
     sample = Telemetry(
         device_id="dev-t",
@@ -219,6 +222,7 @@ def test_last_will_marks_a_dead_device_offline(client: TestClient, devices) -> N
     assert 'slmops_devices_online 0.0' in client.get("/metrics").text
 
 
+@pytest.mark.both_databases
 def test_device_coming_online_gets_its_unfinished_deployment_again(client: TestClient, devices, stored: dict) -> None:
     client.post("/api/v1/devices", json={"id": "dev-r"})
     dep = client.post("/api/v1/deployments", json={"bundle": "tiny", "version": 1, "device_id": "dev-r"}).json()

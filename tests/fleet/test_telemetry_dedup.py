@@ -37,10 +37,10 @@ def rows(sessions) -> list[TelemetrySample]:
 
 
 @pytest.mark.parametrize("upsert", [True, False], ids=["on_conflict", "check_first"])
-def test_a_sample_is_stored_once_per_message_id(tmp_path: Path, monkeypatch, upsert: bool) -> None:
+def test_a_sample_is_stored_once_per_message_id(db_url: str, monkeypatch, upsert: bool) -> None:
     if not upsert:
         monkeypatch.setattr(crud, "_UPSERT", {})  # the path for databases without ON CONFLICT
-    db = open_database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    db = open_database(db_url)
     first, other = telemetry(1), telemetry(2)
     results = []
     for msg, at in ((first, NOW), (first, NOW + timedelta(seconds=5)), (other, NOW), (first, NOW)):
@@ -64,6 +64,7 @@ def test_postgresql_runs_one_insert_that_ignores_a_duplicate() -> None:
     assert any(c.unique for c in TelemetrySample.__table__.c if c.name == "message_id")
 
 
+@pytest.mark.both_databases
 def test_a_redelivered_sample_over_the_broker_is_stored_once(client: TestClient, devices) -> None:
     agent = devices("slmops-agent-dev-t")
     topic = str(topics.telemetry("dev-t"))
