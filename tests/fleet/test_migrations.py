@@ -181,3 +181,34 @@ def test_the_db_commands_upgrade_and_report_the_revision(db_url: str) -> None:
     listed = run("history")
     assert listed.exit_code == 0 and "(base) -> 0001" in listed.output
     assert [line.split()[2] for line in listed.output.splitlines()] == [r.revision for r in migrate.history()]
+
+
+def test_deployments_made_before_rollouts_stay_each_devices_desired_bundle(db_url: str) -> None:
+    """Revision 0003: a target an older fleet sent at once is marked released, so a device that comes back online
+    after the upgrade is still sent its unfinished deployment."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            command.upgrade(migrate.config(conn), "0002")
+            conn.commit()
+        t = NOW.replace(tzinfo=None)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO devices (id, registered_at, online, agent_version) VALUES ('d', :t, :f, '')"),
+                         {"t": t, "f": False})
+            conn.execute(text("INSERT INTO deployments (id, bundle_name, bundle_version, target_kind, target_value, "
+                              "created_at) VALUES ('dep1', 'tiny', 1, 'device', 'd', :t)"), {"t": t})
+            conn.execute(text("INSERT INTO deployment_targets (deployment_id, device_id, state, detail, last_seq, "
+                              "created_at, updated_at) VALUES ('dep1', 'd', 'pending', '', -1, :t, :t)"), {"t": t})
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    db = open_database(db_url)
+    try:
+        from fleet import crud
+
+        with db.sessions() as s:
+            target = crud.desired_target(s, device_id="d")
+            assert target is not None and target.deployment_id == "dep1"
+            assert target.released_at == NOW and target.attempts == 1 and target.wave is None
+    finally:
+        db.close()

@@ -64,6 +64,7 @@ def fleet_with_devices(live_fleet: str, make_bundle, devices) -> Iterator[tuple[
     yield live_fleet, [AnsweringDevice(devices, d, bad_versions={2}) for d in ids]
 
 
+@pytest.mark.both_databases
 def test_watch_follows_a_rollout_to_the_end_and_a_canary_stops_a_bad_bundle(fleet_with_devices) -> None:
     url, fleet_devices = fleet_with_devices
     env = {"SLMOPS_FLEET_TOKEN": ADMIN_TOKEN, "COLUMNS": "220"}

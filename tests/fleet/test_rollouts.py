@@ -1,4 +1,4 @@
-"""The rollout engine on a real SQLite database, driven by the devices' own status reports and an injected clock:
+"""The rollout engine on a real SQLite and a real PostgreSQL database, driven by the devices' own status reports and an injected clock:
 canary and waves, thresholds, parallelism, timeouts, resends, the maintenance window, pause/resume/cancel, abort
 (with rollback), both quality gates, supersession and devices that join late. Every command is read back from
 the outbox, where the publisher would find it."""
@@ -100,8 +100,9 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    db = open_database(f"sqlite:///{tmp_path / 'fleet.db'}")
+def fleet(tmp_path: Path, db_url: str) -> Iterator[Fleet]:
+    """A fresh database: SQLite, and PostgreSQL where the tests have one (`db_url`)."""
+    db = open_database(db_url)
     try:
         f = Fleet(db, Settings(data_dir=tmp_path))
         f.bundle(1, {"accuracy": 0.80})
