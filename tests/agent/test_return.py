@@ -37,6 +37,7 @@ def rig(tmp_path_factory, tiny_int4):
     store = r.agent.store
     assert (store.active(), store.previous(), store.floor("triage")) == (V3, V2, 3)
     assert not store.version_dir(V1).exists()
+    assert not store.manifest_file(V1).exists() and not store.digest_file(V1).exists()  # pruned whole
     yield r
     r.close()
 
