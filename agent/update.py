@@ -463,7 +463,8 @@ class Updater:
 
     def _download(self, rec: Record) -> None:
         ref = BundleRef.model_validate(rec.bundle)
-        self.downloaded.take(rec.bundle, self._bundle_file(rec))  # a verified earlier download: nothing to fetch
+        if self.downloaded.take(rec.bundle, self._bundle_file(rec)):  # a verified earlier download: nothing to fetch
+            rec.detail = "installed from the bundle a download-only command downloaded; nothing fetched again"
         download.fetch(
             ref,
             self._bundle_file(rec),

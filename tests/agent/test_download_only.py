@@ -64,6 +64,7 @@ def test_download_only_then_install_after_a_restart_fetches_once(rig):
     reports = rig.send(rig.command(path, v))  # a new deployment of the same bundle, to install it
     assert states(reports) == INSTALL
     assert rig.gets(path) == 1  # not downloaded again
+    assert "nothing fetched again" in reports[-1].detail
     assert kept(rig) is None and list(rig.agent.store.staging_root.iterdir()) == []
     assert_still_serving(rig, v)
 
@@ -95,6 +96,7 @@ def test_a_damaged_or_removed_download_is_fetched_again(rig, harm):
     reports = rig.send(rig.command(path, v))
     assert states(reports) == INSTALL
     assert rig.gets(path) == 2
+    assert reports[-1].detail == ""
     assert kept(rig) is None
     assert_still_serving(rig, v)
 
