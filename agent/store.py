@@ -387,7 +387,7 @@ class Store:
                 if v.isdigit() and ModelRef(name_dir.name, int(v)) not in keepers:
                     if entry.is_dir():
                         shutil.rmtree(entry, ignore_errors=True)
-                    elif entry.name == f"{v}.manifest.json":
+                    elif entry.name in (f"{v}.manifest.json", f"{v}.bundle-sha256"):
                         _unlink(entry)
 
 

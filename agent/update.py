@@ -5,6 +5,9 @@
         v          v                     v
      CLEANUP (rejected | failed)      ROLLBACK -> CLEANUP (rolled back | failed) -> IDLE
 
+    download-only:               VERIFY -> CLEANUP (downloaded: verified and kept, nothing installed) -> IDLE
+    back to the kept previous:   REUSE -> HEALTH_CHECK -> ... as above;  REUSE -> CLEANUP (rejected | failed)
+
 Rules (after Mender):
 - Handlers do the work and end in an `Event` (success; reject: a `BundleError`, bad content; storage: the disk
   refused a write, an OSError; cancel: the fleet cancelled it; failure: anything else); only `TRANSITIONS` picks the
@@ -34,6 +37,16 @@ Rules (after Mender):
   INSTALL; once INSTALL began the update runs to its end. `stop()` (the agent shutting down) interrupts DOWNLOAD and
   VERIFY the same way, leaving the record for the restart.
 - An unreadable update.json is treated as "no update in progress": staging is cleared and the damage reported.
+- Going back below the version floor: a command (signed, admitted by agent/commands.py) naming the version kept as
+  `previous`, below the floor, whose bundle sha256 equals the one kept beside it and whose files all hash as its
+  verified manifest says, starts in REUSE instead of DOWNLOAD: nothing is fetched, HEALTH_CHECK and COMMIT switch
+  back to it (a failed check rolls back to the version that served), and the `active` report says it went back.
+  Any other version below the floor goes the usual way and VERIFY refuses it (`bad_version`), as before.
+- Download-only (`DeployCommand.download_only`): DOWNLOAD and VERIFY as always, then VERIFY keeps the bundle file
+  in `<data_dir>/downloaded/` (agent/downloaded.py) and ends the update `downloaded`. A later command for the same
+  bundle (a new deployment, or the same deployment id without download_only) takes that file in DOWNLOAD after
+  hashing it again, so nothing is fetched, and VERIFY checks it fully before INSTALL; a command for another bundle
+  removes it.
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ import httpx
 
 from protocol.bundle import read_envelope, unpack
 from protocol.errors import (
+    BadVersionNumberError,
     BundleError,
     EvalBelowMinimumError,
     HealthCheckError,
@@ -69,6 +83,7 @@ from protocol.trust import Keyring, verify_envelope
 
 from . import download, health
 from .config import Limits
+from .downloaded import Downloaded
 from .runtime import LoadedModel
 from .scheduler import Scheduler
 from .journal import Journal
@@ -102,6 +117,7 @@ def check_target(manifest: Manifest) -> None:
 
 class State(str, Enum):
     IDLE = "idle"
+    REUSE = "reuse"  # instead of DOWNLOAD, VERIFY, INSTALL: go back to the version kept as previous
     DOWNLOAD = "download"
     VERIFY = "verify"
     INSTALL = "install"
@@ -117,6 +133,7 @@ class Event(str, Enum):
     STORAGE = "storage"  # the disk refused a write or read (full, read-only, I/O error)
     CANCEL = "cancel"  # the fleet cancelled the deployment; checked before the handler runs
     FAILURE = "failure"  # anything else went wrong (network, health check, a bug)
+    STAGED = "staged"  # a download-only command's bundle is verified and kept: nothing more to do
 
 
 S, E, U = State, Event, UpdateState
@@ -128,7 +145,13 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, UpdateState | None]] = {
     (S.DOWNLOAD, E.FAILURE): (S.CLEANUP, U.FAILED),
     (S.DOWNLOAD, E.STORAGE): (S.CLEANUP, U.FAILED),
     (S.DOWNLOAD, E.CANCEL): (S.CLEANUP, U.FAILED),
+    (S.REUSE, E.SUCCESS): (S.HEALTH_CHECK, None),
+    (S.REUSE, E.REJECT): (S.CLEANUP, U.REJECTED),
+    (S.REUSE, E.FAILURE): (S.CLEANUP, U.FAILED),
+    (S.REUSE, E.STORAGE): (S.CLEANUP, U.FAILED),
+    (S.REUSE, E.CANCEL): (S.CLEANUP, U.FAILED),
     (S.VERIFY, E.SUCCESS): (S.INSTALL, None),
+    (S.VERIFY, E.STAGED): (S.CLEANUP, U.DOWNLOADED),
     (S.VERIFY, E.REJECT): (S.CLEANUP, U.REJECTED),
     (S.VERIFY, E.FAILURE): (S.CLEANUP, U.FAILED),
     (S.VERIFY, E.STORAGE): (S.CLEANUP, U.FAILED),
@@ -151,10 +174,11 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, UpdateState | None]] = {
     (S.CLEANUP, E.STORAGE): (S.IDLE, None),
 }
 # states a cancel (or the agent stopping) may end before their handler runs: nothing was installed yet
-CANCELLABLE = (S.DOWNLOAD, S.VERIFY, S.INSTALL)
-INTERRUPTIBLE = (S.DOWNLOAD, S.VERIFY)  # on stop: left for the restart, which runs the step again
+CANCELLABLE = (S.REUSE, S.DOWNLOAD, S.VERIFY, S.INSTALL)
+INTERRUPTIBLE = (S.REUSE, S.DOWNLOAD, S.VERIFY)  # on stop: left for the restart, which runs the step again
 # where a restart continues from a state the agent was stopped in
 ON_RESTART: dict[State, State] = {
+    S.REUSE: S.REUSE,
     S.DOWNLOAD: S.DOWNLOAD,
     S.VERIFY: S.VERIFY,
     S.INSTALL: S.ROLLBACK,
@@ -165,6 +189,7 @@ ON_RESTART: dict[State, State] = {
 }
 # the progress report sent when a state is entered
 PROGRESS: dict[State, UpdateState] = {
+    S.REUSE: U.VERIFYING,
     S.DOWNLOAD: U.DOWNLOADING,
     S.VERIFY: U.VERIFYING,
     S.INSTALL: U.INSTALLING,
@@ -192,6 +217,7 @@ class Record:
     manifest: dict[str, Any] | None = None
     entries: dict[str, int] | None = None
     eval: dict[str, Any] | None = None  # the held-out score HEALTH_CHECK measured (an EvalScore as JSON)
+    download_only: bool = False  # the command asked for DOWNLOAD and VERIFY only (ends `downloaded`)
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -235,7 +261,9 @@ class Updater:
         self._cancels: dict[str, None] = {}  # deployment ids the fleet cancelled, oldest first
         self._stopping = threading.Event()
         self.journal = Journal(store)
-        self.handlers: dict[State, Callable[[Record], None]] = {
+        self.downloaded = Downloaded(store)
+        self.handlers: dict[State, Callable[[Record], Event | None]] = {
+            S.REUSE: self._reuse,
             S.DOWNLOAD: self._download,
             S.VERIFY: self._verify,
             S.INSTALL: self._install,
@@ -272,17 +300,22 @@ class Updater:
             self.cancel(cmd.deployment_id)
             return None
         done = self.journal.finished(cmd.deployment_id)
-        if done is not None:
+        install_downloaded = bool(done) and done.get("state") == U.DOWNLOADED.value and not cmd.download_only
+        if done is not None and not install_downloaded:
             log.info("deployment %s already finished; sending its outcome again", cmd.deployment_id)
             if done:
                 self._resend(done)
             return None
+        if install_downloaded:
+            log.info("deployment %s was downloaded only; installing it now", cmd.deployment_id)
         ref = ModelRef(cmd.bundle.name, cmd.bundle.version)
-        rec = Record(cmd.deployment_id, cmd.bundle.model_dump(mode="json"), S.DOWNLOAD, self.store.snapshot())
+        rec = Record(cmd.deployment_id, cmd.bundle.model_dump(mode="json"), S.DOWNLOAD, self.store.snapshot(),
+                     download_only=cmd.download_only)
         if self._take_cancel(cmd.deployment_id):
             return self._end_unrun(rec, UpdateCancelledError("cancelled by the fleet before it started"))
         active = self.store.active()
         self.report(deployment_id=cmd.deployment_id, bundle=cmd.bundle, state=U.RECEIVED, active_version=_v(active))
+        self.downloaded.drop_unless(rec.bundle)  # a command for another bundle supersedes a kept download
         current = self.runtime.current
         if active == ref and current is not None and current.ref == ref:
             known = self.store.bundle_digest(ref)
@@ -297,6 +330,13 @@ class Updater:
                 return U.ACTIVE
             log.warning("%s v%s is active but %s: fetching and verifying it", ref.name, ref.version,
                         problem if other else f"its files are damaged ({problem})")
+        if not cmd.download_only and self._below_floor_previous(ref):
+            why = self._not_returnable(ref, cmd.bundle.sha256)
+            if why is None:
+                rec.state = S.REUSE  # a signed command back to the version this device verified and kept
+            else:
+                log.warning("%s v%s is the previous version but %s: treated as any older bundle", ref.name,
+                            ref.version, why)
         return self._run(rec)
 
     def supersede(self, cmd: DeployCommand, by: DeployCommand) -> UpdateState:
@@ -348,8 +388,7 @@ class Updater:
             return E.FAILURE
         try:
             self._check(rec)
-            self.handlers[rec.state](rec)
-            return E.SUCCESS
+            return self.handlers[rec.state](rec) or E.SUCCESS
         except UpdateCancelledError as exc:
             err_code, detail, event = exc.code, str(exc), E.CANCEL
         except BundleError as exc:
@@ -380,9 +419,52 @@ class Updater:
         if rec.state in CANCELLABLE and self._is_cancelled(rec.deployment_id):
             raise UpdateCancelledError(f"cancelled by the fleet during {rec.state.value}; nothing was installed")
 
-    # -- handlers: each idempotent, each returns normally or raises ----------------------------------------
+    # -- going back to the previous version, below the floor -------------------------------------------------
+    def _below_floor_previous(self, ref: ModelRef) -> bool:
+        floor = self.store.floor(ref.name)
+        return self.store.previous() == ref and floor is not None and ref.version < floor
+
+    def _not_returnable(self, ref: ModelRef, sha256: str) -> str | None:
+        """Why this device may not go back to `ref` (None: it may): it must be the version kept as previous, below
+        the floor, from the very bundle file the command names, with its verified manifest and every file's
+        sha256 intact. Anything else below the floor is refused in VERIFY as before (`bad_version`)."""
+        if not self._below_floor_previous(ref):
+            return "it is no longer the version kept as previous"
+        if self.store.bundle_digest(ref) != sha256:
+            return "the command names another bundle file than the one it was installed from"
+        manifest = self._kept_manifest(ref)
+        if manifest is None:
+            return "its verified manifest is missing or unreadable"
+        problem = self.store.inspect(ref, hashes=True)
+        return f"its files are damaged ({problem})" if problem else None
+
+    def _kept_manifest(self, ref: ModelRef) -> Manifest | None:
+        doc = self.store.trusted_manifest(ref)
+        try:
+            manifest = Manifest.from_signed(doc) if doc is not None else None
+        except ManifestError:
+            return None
+        return manifest if manifest is not None and (manifest.name, manifest.version) == (ref.name, ref.version) else None
+
+    # -- handlers: each idempotent, each returns normally (or an event other than success) or raises ---------
+    def _reuse(self, rec: Record) -> None:
+        """Instead of DOWNLOAD, VERIFY and INSTALL: check (again, after a restart too) that the command names the
+        intact version kept as previous; HEALTH_CHECK and COMMIT then switch back to it like to any install."""
+        why = self._not_returnable(rec.ref, rec.bundle["sha256"])
+        if why is not None:
+            raise BadVersionNumberError(
+                f"bundle {rec.ref.name} v{rec.ref.version} is older than v{self.store.floor(rec.ref.name)} already "
+                f"trusted on this device and {why}; deploy a version at least that high"
+            )
+        rec.manifest = self._kept_manifest(rec.ref).to_signed()  # type: ignore[union-attr]
+        before = ModelRef.from_dict(rec.pointer_before.get("active"))
+        rec.detail = (f"went back to the previous version v{rec.ref.version}, verified and kept on this device"
+                      + (f"; v{before.version} is kept as previous" if before and before.name == rec.ref.name else ""))
+
     def _download(self, rec: Record) -> None:
         ref = BundleRef.model_validate(rec.bundle)
+        if self.downloaded.take(rec.bundle, self._bundle_file(rec)):  # a verified earlier download: nothing to fetch
+            rec.detail = "installed from the bundle a download-only command downloaded; nothing fetched again"
         download.fetch(
             ref,
             self._bundle_file(rec),
@@ -395,8 +477,10 @@ class Updater:
             rate_window_s=self.limits.download_rate_window_s,
             check=lambda: self._check(rec),
         )
-    def _verify(self, rec: Record) -> None:
+    def _verify(self, rec: Record) -> Event | None:
         path = self._bundle_file(rec)
+        if not path.exists():  # a restart after a download-only VERIFY kept the file: take it back, check it again
+            self.downloaded.take(rec.bundle, path)
         with path.open("rb") as f:
             envelope = read_envelope(f)
         manifest = verify_envelope(envelope, self.keyring(), now=self.clock(), min_version=self.store.floor(rec.ref.name))
@@ -425,6 +509,13 @@ class Updater:
             unpack(f, manifest, sink)
         health.read_heldout(unpacked, manifest)  # a malformed held-out set is refused before anything is installed
         rec.manifest = manifest.to_signed()
+        if rec.download_only:  # keep the verified bundle file only; the install unpacks and checks it again
+            shutil.rmtree(unpacked, ignore_errors=True)
+            self.downloaded.keep(path, rec.bundle)
+            rec.detail = (f"downloaded and verified {manifest.name} v{manifest.version}; nothing installed: a deploy "
+                          "command for this bundle installs it without downloading it again")
+            return E.STAGED
+        return None
 
     def _install(self, rec: Record) -> None:
         self.store.install(self._unpacked(rec), rec.ref, rec.manifest, bundle_sha256=rec.bundle["sha256"])
@@ -463,7 +554,7 @@ class Updater:
 
     def _cleanup(self, rec: Record) -> None:
         self.store.clear_staging(rec.deployment_id)  # best effort: rmtree ignores errors
-        if rec.outcome is not U.ACTIVE:
+        if rec.outcome not in (U.ACTIVE, U.DOWNLOADED):
             self.store.remove_version(rec.ref)  # never the active or previous version
         self.store.prune()
 

@@ -93,10 +93,12 @@ class UpdateState(str, Enum):
     REJECTED = "rejected"  # refused before install (bad signature, hash, version...); old version untouched
     ROLLED_BACK = "rolled_back"  # installed but failed; the previous version serves again
     FAILED = "failed"  # could not complete for another reason (download, disk); old version untouched
+    DOWNLOADED = "downloaded"  # a download-only command: downloaded and fully verified into staging, nothing installed
 
     @property
     def terminal(self) -> bool:
-        return self in (UpdateState.ACTIVE, UpdateState.REJECTED, UpdateState.ROLLED_BACK, UpdateState.FAILED)
+        return self in (UpdateState.ACTIVE, UpdateState.REJECTED, UpdateState.ROLLED_BACK, UpdateState.FAILED,
+                        UpdateState.DOWNLOADED)
 
 
 class Signature(BaseModel):
@@ -115,8 +117,10 @@ class _Message(BaseModel):
     signatures: tuple[Signature, ...] = ()
 
     def signing_bytes(self) -> bytes:
-        """Canonical bytes a signature covers (the message without its signatures)."""
-        return canonical_bytes(self.model_dump(mode="json", exclude={"signatures"}))
+        """Canonical bytes a signature covers (the message without its signatures, and without the later optional
+        fields left at their default, exactly as `encode` leaves them off the wire: a receiver of an earlier
+        release computes the same bytes)."""
+        return canonical_bytes(self.model_dump(mode="json", exclude={"signatures"} | _unset_later(self)))
 
 
 class BundleRef(BaseModel):
@@ -131,13 +135,15 @@ class BundleRef(BaseModel):
 
 
 class DeployCommand(_Message):
-    """Fleet -> device: install this bundle."""
+    """Fleet -> device: install this bundle (or, with `download_only`, download and verify it into staging only:
+    the device answers `downloaded`, and a later command for the same bundle installs it without downloading)."""
 
     kind: Literal["deploy"] = "deploy"
     root_version: Version = 1  # the fleet's trust root when it signed this; a device behind it walks the chain
     deployment_id: DeploymentId
     device_id: DeviceId
     bundle: BundleRef
+    download_only: bool = Field(default=False, strict=True)  # off the wire when false (see LATER_FIELDS)
 
 
 class CancelCommand(_Message):
@@ -242,11 +248,16 @@ def parse_message(payload: bytes) -> DeployCommand | CancelCommand | StatusRepor
         raise MessageError(f"{kind} does not match its schema: {first_error(exc)}") from exc
 
 
-# optional fields added after schema_version 1 first shipped: left out of the wire while unset, so a receiver of
-# an earlier release (its models forbid unknown keys) still reads what this one sends
-LATER_FIELDS = frozenset({"eval"})
+# optional fields added after schema_version 1 first shipped: left out of the wire (and of the signed bytes) while
+# at their default, so a receiver of an earlier release (its models forbid unknown keys) still reads what this one
+# sends and verifies its signature; a command that sets one is refused by such a receiver, never misread
+LATER_FIELDS = frozenset({"eval", "download_only"})
+
+
+def _unset_later(message: BaseModel) -> set[str]:
+    fields = type(message).model_fields
+    return {f for f in LATER_FIELDS if f in fields and getattr(message, f) == fields[f].default}
 
 
 def encode(message: _Message) -> bytes:
-    unset = {f for f in LATER_FIELDS if getattr(message, f, 0) is None}
-    return message.model_dump_json(exclude=unset or None).encode()
+    return message.model_dump_json(exclude=_unset_later(message) or None).encode()

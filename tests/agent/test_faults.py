@@ -80,6 +80,9 @@ def served(tmp_path_factory, tiny_int4):
     (www / BUNDLES).mkdir(parents=True)
     for v in (1, 2, 3):
         build_bundle(Path(tiny_int4), www / BUNDLES / f"t{v}.bundle", name="triage", version=v, signers=[key], now=NOW)
+    # v1 from another bundle file: older than the floor and not the kept previous version, so always refused
+    build_bundle(Path(tiny_int4), www / BUNDLES / "t1-rebuilt.bundle", name="triage", version=1, signers=[key], now=NOW,
+                 description="rebuilt")
     kit.write_root(www / "root.json")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -87,11 +90,13 @@ def served(tmp_path_factory, tiny_int4):
     server.shutdown()
 
 
-def command(served, version: int, dep: str, *, slow: bool = False, seq: int | None = None) -> DeployCommand:
+def command(served, version: int, dep: str, *, slow: bool = False, seq: int | None = None,
+            file: str | None = None) -> DeployCommand:
     """A deploy command signed as the fleet signs it, with the next seq unless `seq` is given."""
     www, base, _, kit = served
-    data = (www / BUNDLES / f"t{version}.bundle").read_bytes()
-    ref = BundleRef(name="triage", version=version, url=f"{base}/{BUNDLES}/{'slow/' if slow else ''}t{version}.bundle",
+    file = file or f"t{version}.bundle"
+    data = (www / BUNDLES / file).read_bytes()
+    ref = BundleRef(name="triage", version=version, url=f"{base}/{BUNDLES}/{'slow/' if slow else ''}{file}",
                     sha256=hashlib.sha256(data).hexdigest(), size=len(data))
     cmd = DeployCommand(deployment_id=dep, device_id="dev-1", bundle=ref, sent_at=NOW,
                         seq=next(SEQ) if seq is None else seq)
@@ -373,8 +378,9 @@ def test_damaged_state_at_start_is_recovered_reported_and_updates_go_on(tmp_path
         assert agent.scheduler.current.ref == active
         assert agent.store.active() == active and agent.store.floor("triage") == floor
         assert agent.store.inspect(active, hashes=True) is None
-        # the version floor held: an older bundle is still refused (the fallback rows serve v1 itself)
-        agent._command(command(served, 1, "old"))
+        # the version floor held: an older bundle (not the kept previous one) is still refused (the fallback rows
+        # serve v1 itself)
+        agent._command(command(served, 1, "old", file="t1-rebuilt.bundle" if active == T2 else None))
         end = wait_terminal(reports, "old")
         if active == T2:
             assert end.state is U.REJECTED and end.error_code == "bad_version"

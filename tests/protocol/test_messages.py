@@ -88,3 +88,48 @@ def test_status_report_bounds_its_error_code_and_detail(field, value):
     doc[field] = value
     with pytest.raises(MessageError):
         parse_message(json.dumps(doc).encode())
+
+
+class OlderDeployCommand(DeployCommand):
+    """A receiver of the release before download-only: the same model without the field."""
+
+    model_config = {**DeployCommand.model_config}
+
+
+del OlderDeployCommand.model_fields["download_only"]
+OlderDeployCommand.model_rebuild(force=True)
+
+
+def test_download_only_is_off_the_wire_and_out_of_the_signature_while_false():
+    """A command without download-only looks, byte for byte and signature for signature, like one from the release
+    before it: older agents still parse and verify it; one that sets it says so on the wire and under the signature."""
+    from protocol.trust import Keyring, generate_keypair, sign_message, verify_message
+
+    key = generate_keypair()
+    plain = sign_message(DeployCommand(deployment_id="d1", device_id="dev-1", bundle=REF, seq=5, sent_at=NOW), [key])
+    wire = json.loads(encode(plain))
+    assert "download_only" not in wire
+    older = OlderDeployCommand.model_validate(wire)  # what the earlier release builds from these bytes
+    assert "download_only" not in older.model_dump()
+    assert older.signing_bytes() == plain.signing_bytes()
+    verify_message(older, Keyring((key.public,)))
+
+    staged = sign_message(plain.model_copy(update={"download_only": True}), [key])
+    wire = json.loads(encode(staged))
+    assert wire["download_only"] is True and parse_message(encode(staged)) == staged
+    verify_message(parse_message(encode(staged)), Keyring((key.public,)))
+    wire["download_only"] = False  # someone flips it on the way: the signature no longer holds
+    with pytest.raises(Exception, match="signature"):
+        verify_message(parse_message(json.dumps(wire).encode()), Keyring((key.public,)))
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None], ids=["string", "integer", "null"])
+def test_download_only_must_be_a_boolean(value):
+    doc = json.loads(encode(DeployCommand(deployment_id="d1", device_id="dev-1", bundle=REF, seq=5, sent_at=NOW)))
+    doc["download_only"] = value
+    with pytest.raises(MessageError, match="download_only"):
+        parse_message(json.dumps(doc).encode())
+
+
+def test_downloaded_is_a_terminal_state():
+    assert UpdateState.DOWNLOADED.terminal and UpdateState("downloaded") is UpdateState.DOWNLOADED
