@@ -27,7 +27,7 @@ from protocol.messages import BundleRef, CancelCommand, DeployCommand, UpdateSta
 
 from . import crud, outbox
 from .errors import DeviceRevokedError, NotFoundError
-from .models import Bundle, Deployment
+from .models import Bundle, Deployment, Rollout
 from .settings import Settings
 from .trust import trust_for
 
@@ -89,11 +89,15 @@ def commands_to_resend(s: Session, *, settings: Settings, device_id: str, now: d
     if bundle is None:
         return []
     target.asked_at, target.attempts = now, target.attempts + 1
-    return [deploy_command(s, settings=settings, deployment_id=deployment.id, bundle=bundle, device_id=device_id, now=now)]
+    rollout = s.get(Rollout, deployment.id)
+    download_only = bool(rollout is not None and rollout.strategy.get("download_only"))
+    return [deploy_command(s, settings=settings, deployment_id=deployment.id, bundle=bundle, device_id=device_id,
+                           now=now, download_only=download_only)]
 
 
 def deploy_command(
-    s: Session, *, settings: Settings, deployment_id: str, bundle: Bundle, device_id: str, now: datetime
+    s: Session, *, settings: Settings, deployment_id: str, bundle: Bundle, device_id: str, now: datetime,
+    download_only: bool = False,
 ) -> DeployCommand:
     message_id = uuid.uuid4().hex
     row = crud.record_command(s, deployment_id=deployment_id, device_id=device_id, message_id=message_id, now=now)
@@ -110,6 +114,7 @@ def deploy_command(
             sha256=bundle.sha256,
             size=bundle.size,
         ),
+        download_only=download_only,
     )
     return sign(settings, cmd)
 

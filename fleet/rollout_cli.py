@@ -48,7 +48,7 @@ def _step(text: str, what: str) -> dict[str, Any]:
 def build_body(*, bundle: str, version: int, group: str | None, query: str | None, canary: str | None,
                waves: list[str], success: float, error: float, max_parallel: int, timeout: int, resend: int,
                timeout_as: str, window: str | None, rollback: bool, pause_between: bool, gates: list[str],
-               allow_regression: bool) -> dict[str, Any]:
+               allow_regression: bool, download_only: bool = False) -> dict[str, Any]:
     """The POST /api/v1/rollouts body from the command's options (refusing malformed ones with the fix)."""
     if (group is None) == (query is None):
         raise ConfigError("give exactly one of --group and --query")
@@ -57,7 +57,7 @@ def build_body(*, bundle: str, version: int, group: str | None, query: str | Non
         "waves": [_step(w, "--wave") for w in waves] or [{"percent": 100}],
         "success_threshold": success, "error_threshold": error, "max_parallel": max_parallel,
         "device_timeout_s": timeout, "resend_after_s": resend, "timeout_as": timeout_as,
-        "rollback_on_abort": rollback, "pause_between_waves": pause_between,
+        "rollback_on_abort": rollback, "pause_between_waves": pause_between, "download_only": download_only,
     }
     if window is not None:
         m = WINDOW_RE.fullmatch(window.strip())
@@ -92,6 +92,7 @@ def create(
     window: Annotated[Optional[str], typer.Option(help="maintenance window HH:MM-HH:MM, UTC")] = None,
     rollback_on_abort: Annotated[bool, typer.Option(help="send updated devices back if the rollout aborts")] = False,
     pause_between_waves: Annotated[bool, typer.Option(help="pause after each wave until 'rollout resume'")] = False,
+    download_only: Annotated[bool, typer.Option(help="devices fetch and verify it only; a later rollout installs it")] = False,
     gate: Annotated[Optional[list[str]], typer.Option(help="METRIC>=SCORE the bundle and the devices must meet; repeat")] = None,
     allow_regression: Annotated[bool, typer.Option(help="accept a bundle scoring below the one it replaces")] = False,
     watch: Annotated[bool, typer.Option(help="follow the rollout until it ends")] = False,
@@ -103,7 +104,7 @@ def create(
                           success=success_threshold, error=error_threshold, max_parallel=max_parallel,
                           timeout=device_timeout, resend=resend_after, timeout_as=timeout_as, window=window,
                           rollback=rollback_on_abort, pause_between=pause_between_waves, gates=gate or [],
-                          allow_regression=allow_regression)
+                          allow_regression=allow_regression, download_only=download_only)
         r = _http("POST", url, "/api/v1/rollouts", token=token, tls=(ca, cert, key), json=body)
         out.print(f"rollout [bold]{r['id']}[/bold]: {bundle} v{version} -> {r['counts'] and sum(r['counts'].values())} "
                   f"device(s) in {len(r['waves'])} wave(s)")

@@ -17,7 +17,9 @@ at once and only inside the maintenance window. Because every decision is a row 
 the commands it causes, a fleet killed at any point continues where it stopped: a device's target is released
 once (`released_at`), so no device is skipped or updated twice.
 
-A device counts as updated when it reported `active` and, where the bundle carries its own held-out evaluation set,
+A device counts as updated when it reported `active` (or `downloaded`, for a download-only rollout, whose commands
+ask devices to fetch and verify the bundle without installing it; a later rollout of that bundle installs it
+without fetching it again) and, where the bundle carries its own held-out evaluation set,
 the score it measured there meets the gate; as failed when it reported `rejected`, `failed` or `rolled_back`,
 scored below the gate, or (with `timeout_as="failed"`) passed its timeout.
 
@@ -58,7 +60,7 @@ ABORTED, CANCELLED, SUPERSEDED = "aborted", "cancelled", "superseded"
 LIVE = (RUNNING, PAUSED)
 WAITING, WAVE_RUNNING, WAVE_SUCCEEDED, WAVE_FAILED = "waiting", "running", "succeeded", "failed"
 DROPPED = "cancelled"  # a target never released because its rollout stopped
-OK_STATES = frozenset({UpdateState.ACTIVE.value})
+OK_STATES = frozenset({UpdateState.ACTIVE.value, UpdateState.DOWNLOADED.value})  # downloaded: a download-only command
 BAD_STATES = frozenset({UpdateState.REJECTED.value, UpdateState.FAILED.value, UpdateState.ROLLED_BACK.value})
 TERMINAL = OK_STATES | BAD_STATES | {DROPPED}
 COUNT_KEYS = ("pending", "sent", "updating", "succeeded", "failed", "timed_out", "rolled_back", "cancelled")
@@ -256,15 +258,16 @@ def release(s: Session, rollout: Rollout, *, settings: Settings, now: datetime) 
             t.state, t.detail, t.updated_at = DROPPED, "revoked before its wave", now
             continue
         t.prev_name, t.prev_version = device.active_name, device.active_version
-        _ask(s, t, bundle, settings=settings, now=now)
+        _ask(s, t, bundle, settings=settings, now=now, download_only=strategy.download_only)
         t.released_at = now
         n += 1
     return n
 
 
-def _ask(s: Session, t: DeploymentTarget, bundle: Bundle, *, settings: Settings, now: datetime) -> None:
+def _ask(s: Session, t: DeploymentTarget, bundle: Bundle, *, settings: Settings, now: datetime,
+         download_only: bool) -> None:
     command = deploy_command(s, settings=settings, deployment_id=t.deployment_id, bundle=bundle,
-                             device_id=t.device_id, now=now)
+                             device_id=t.device_id, now=now, download_only=download_only)
     outbox.enqueue(s, command, now=now)
     t.asked_at, t.attempts = now, t.attempts + 1
 
@@ -295,7 +298,7 @@ def _timeouts_and_resends(s: Session, rollout: Rollout, targets: list[Deployment
             if bundle is not None:
                 log.info("rollout %s: device %s silent for %d s; asking again", rollout.id, t.device_id,
                          (now - last).total_seconds())
-                _ask(s, t, bundle, settings=settings, now=now)
+                _ask(s, t, bundle, settings=settings, now=now, download_only=strategy.download_only)
 
 
 def tally(rollout: Rollout, wave: int, strategy: Strategy) -> WaveTally:

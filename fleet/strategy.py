@@ -84,6 +84,7 @@ class Strategy(_Record):
     window: Window | None = None  # None: any time
     rollback_on_abort: bool = False  # abort sends devices this rollout updated back to the bundle they had
     pause_between_waves: bool = False  # a wave that met its success threshold pauses the rollout: resume starts the next
+    download_only: bool = False  # devices download and verify the bundle but do not install it (a later rollout does)
 
     @classmethod
     def immediate(cls) -> "Strategy":

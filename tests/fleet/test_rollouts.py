@@ -292,6 +292,22 @@ def test_abort_with_rollback_sends_updated_devices_their_previous_bundle(fleet: 
     assert [(c.device_id, c.bundle.version) for c in back] == [(a, 1)], "only the device that updated goes back"
 
 
+def test_a_download_only_rollout_asks_devices_to_fetch_without_installing(fleet: Fleet) -> None:
+    ids = fleet.devices(3)
+    rid = fleet.start(canary=None, waves=[Step(percent=100)], download_only=True, resend_after_s=60)
+    cmds = [c for c in fleet.commands() if c.deployment_id == rid]
+    assert sorted(c.device_id for c in cmds) == ids and all(c.download_only for c in cmds)
+    fleet.finish(rid, ids[:2], UpdateState.DOWNLOADED)
+    r = fleet.tick(rid, 61)  # the silent third device is asked again, still download-only
+    again = [c for c in fleet.commands() if c.deployment_id == rid][3:]
+    assert [(c.device_id, c.download_only) for c in again] == [(ids[2], True)]
+    assert rollouts.counts(r)["succeeded"] == 2
+    fleet.report(rid, ids[2], UpdateState.DOWNLOADED)
+    assert fleet.tick(rid).state == "succeeded"
+    install = fleet.start(canary=None, waves=[Step(percent=100)])
+    assert not any(c.download_only for c in fleet.commands() if c.deployment_id == install)
+
+
 # ---- quality gates --------------------------------------------------------------------------------------------
 
 GATE_REFUSALS = [
