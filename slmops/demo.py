@@ -118,7 +118,7 @@ def _print_rollout(r: Rollout) -> None:
         model, answer = r.answers.get(dev, ("-", "-"))
         t.add_row(dev, _outcome(tgt["state"]), model, answer)
     console.print(t)
-    reasons = sorted({tgt["detail"] for tgt in r.targets.values() if tgt.get("detail")})
+    reasons = sorted({tgt["detail"] for tgt in r.targets.values() if tgt.get("detail") and tgt["state"] != "cancelled"})
     for reason in reasons:
         who = sorted(d for d, tgt in r.targets.items() if tgt.get("detail") == reason)
         console.print(f"  reason reported by {', '.join(who)}: [italic]{reason}[/]")
@@ -128,11 +128,11 @@ def _print_waves(staged: dict) -> None:
     gate = ", ".join(f"{k} >= {v:g}" for k, v in (staged["gate"].get("min") or {}).items()) or "none"
     t = Table(title=f"rollout {staged['id'][:8]}: {staged['state'].upper()}, {staged['reason']} (gate: {gate})",
               title_justify="left")
-    for col in ("wave", "state", "devices", "updated", "failed", "never sent", "score the devices measured"):
+    for col in ("wave", "state", "devices", "updated", "failed", "never sent", "score measured on the devices"):
         t.add_column(col)
     for w in staged["waves"]:
         c, s = w["counts"], w.get("score")
-        score = f"{s['metric']} {s['mean']:.2f} (min {s['min']:.2f}, n={s['n']})" if s else "-"
+        score = f"{s['mean']:.2f} (min {s['min']:.2f}, n={s['n']})" if s else "-"
         t.add_row(w["name"], w["state"], str(w["size"]), str(c["succeeded"]), str(c["failed"] + c["rolled_back"]),
                   str(c["cancelled"]), score)
     console.print(t)
