@@ -7,7 +7,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -17,32 +16,19 @@ from fastapi.testclient import TestClient
 from fleet import crud, telemetry
 from fleet.db import Database, open_database
 from fleet.errors import TelemetryQueryError
-from fleet.models import Base, TelemetrySample
+from fleet.models import TelemetrySample
 
-from .pg import postgres_url
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)  # a bucket boundary for every step used here
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[str | None]:
-    with postgres_url() as (url, why):
-        yield url or f"SKIP: {why}"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path: Path, pg: str) -> Iterator[Database]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    else:
-        if pg.startswith("SKIP: "):
-            pytest.skip(pg.removeprefix("SKIP: "))
-        url = pg
-    database = open_database(url)
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    """A fresh database: SQLite, and PostgreSQL where the tests have one (`db_url`)."""
+    database = open_database(db_url)
     try:
         yield database
     finally:
-        Base.metadata.drop_all(database.engine)
         database.close()
 
 
