@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -45,15 +45,23 @@ def ensure_device(s: Session, *, device_id: str, now: datetime) -> Device:
     device = s.get(Device, device_id)
     if device is not None:
         return device
+    _insert_device(s, device_id=device_id, now=now)
+    return s.get_one(Device, device_id, populate_existing=True)
+
+
+def _insert_device(s: Session, *, device_id: str, now: datetime) -> bool:
+    """INSERT the device unless it exists; True if this call created it. One INSERT ... ON CONFLICT DO NOTHING where
+    the database has it (it also takes SQLite's write lock first, so what follows in the transaction is serialised
+    with every other writer); other databases check first and rely on the primary key (IntegrityError on a race)."""
     values = dict(id=device_id, registered_at=now, online=False, agent_version="")
     insert = _UPSERT.get(s.get_bind().dialect.name)
     if insert is None:
-        device = Device(**values)
-        s.add(device)
+        if s.get(Device, device_id) is not None:
+            return False
+        s.add(Device(**values))
         s.flush()
-        return device
-    s.execute(insert(Device).values(**values).on_conflict_do_nothing(index_elements=["id"]))
-    return s.get_one(Device, device_id, populate_existing=True)
+        return True
+    return s.execute(insert(Device).values(**values).on_conflict_do_nothing(index_elements=["id"])).rowcount == 1
 
 
 def heard_from(s: Session, *, device_id: str, now: datetime) -> Device:
@@ -64,11 +72,23 @@ def heard_from(s: Session, *, device_id: str, now: datetime) -> Device:
 
 
 def register_device(s: Session, *, device_id: str, groups: Sequence[str], now: datetime) -> tuple[Device, bool]:
-    """Create or update a device and replace its groups; returns (device, created)."""
-    created = s.get(Device, device_id) is None
-    device = ensure_device(s, device_id=device_id, now=now)
-    device.groups = [DeviceGroup(device_id=device_id, group=g) for g in sorted(set(groups))]
+    """Create or update a device and replace its groups; returns (device, created).
+
+    Safe against a concurrent first MQTT message and a concurrent registration of the same device: the row is
+    upserted first (so `created` is true for exactly one caller), then the groups are replaced with a DELETE and
+    INSERT ... ON CONFLICT DO NOTHING inside the caller's transaction, never from a collection read earlier."""
+    created = _insert_device(s, device_id=device_id, now=now)
+    wanted = sorted(set(groups))
+    s.execute(delete(DeviceGroup).where(DeviceGroup.device_id == device_id, DeviceGroup.group.not_in(wanted)))
+    insert = _UPSERT.get(s.get_bind().dialect.name)
+    for g in wanted:
+        if insert is not None:
+            s.execute(insert(DeviceGroup).values(device_id=device_id, group=g).on_conflict_do_nothing())
+        elif s.get(DeviceGroup, (device_id, g)) is None:
+            s.add(DeviceGroup(device_id=device_id, group=g))
     s.flush()
+    device = s.get_one(Device, device_id, populate_existing=True)
+    s.refresh(device, ["groups"])
     return device, created
 
 

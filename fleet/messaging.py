@@ -10,13 +10,20 @@ logged once as an error (`mqttlink.Watch`) and the fleet stays unsubscribed.
 
 Each inbound payload becomes a typed message with `protocol.messages.parse_message` (which refuses anything over
 `MAX_MESSAGE_BYTES` unparsed); a payload that does not parse, names another device than its topic, or arrives on
-the wrong channel is logged with the reason and dropped. Whatever else handling one message raises (a bug, the
-database) is logged on one line (topic and error, both cut short; never the payload) and that message is dropped:
-paho's network thread must outlive any payload. Valid ones are written in one transaction each through
-`fleet.crud`; a status report or telemetry sample already stored (same message_id: a QoS 1 redelivery, or a
-sample the device's outbox sent again) is skipped. A device that comes online gets its unfinished deploy command
-again (see `fleet.deployments.commands_to_resend`). `publish_deploy` sends a `DeployCommand` at QoS 1, not
-retained, to `protocol.topics.cmd(device_id)`; paho queues it while the broker is away.
+the wrong channel is logged with the reason and dropped (counted in `rejected`). That is all paho's network thread
+does: a valid message goes to `fleet.ingest.IngestWriter`, whose one writer thread stores messages in batches, one
+transaction per batch, skipping what is already stored (same message_id: a QoS 1 redelivery, or a sample the
+device's outbox sent again) and, after the commit, sending a device that came online its unfinished deploy command
+again (see `fleet.deployments.commands_to_resend`). While the writer's queue is full, paho's thread waits (at most
+`ingest_put_timeout_s`) and the broker keeps the message unacknowledged meanwhile; see fleet/ingest.py. Whatever else
+handling one message raises (a bug) is logged on one line (topic and error, both cut short; never the payload) and
+that message is dropped: paho's network thread must outlive any payload. `publish_deploy` sends a `DeployCommand` at
+QoS 1, not retained, to `protocol.topics.cmd(device_id)`; paho queues it while the broker is away.
+
+`stop()` disconnects first (so nothing more arrives; paho's thread may still be waiting to queue one message, which
+the running writer makes room for), then lets the writer write what is queued (`ingest_stop_timeout_s`). A deploy
+command the writer resends during that drain finds the client disconnected and is not sent; the device gets it again
+at its next presence.
 
 Broker URLs (`protocol.topics.BrokerAddress`): `mqtt://host:port` speaks MQTT 3.1.1 (amqtt, the embedded broker,
 knows only that), `mqtt5://host:port` MQTT 5; `mqtts://` and `mqtt5s://` add TLS (`broker_ca_file`, or the system's
@@ -32,7 +39,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mqttlink import ClientOptions, Watch, connect, make_client
@@ -40,8 +46,7 @@ from protocol import topics
 from protocol.errors import MessageError, TopicError, clip, one_line
 from protocol.messages import DeployCommand, Presence, StatusReport, Telemetry, encode, parse_message
 
-from . import crud
-from .deployments import commands_to_resend
+from .ingest import IngestStats, IngestWriter
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +70,8 @@ class FleetMessaging:
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self.settings, self.sessions, self.clock = settings, sessions, clock
+        self.writer = IngestWriter(settings, sessions, publish=self.publish_deploy, clock=clock)
+        self.rejected = 0  # inbound messages refused before the queue (bad topic, payload, channel or device)
         self.opts = ClientOptions(
             broker_url=settings.effective_broker_url,
             client_id=settings.client_id,
@@ -92,13 +99,19 @@ class FleetMessaging:
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect in the background; paho retries until the broker answers."""
+        """Start the ingest writer, then connect in the background; paho retries until the broker answers."""
+        self.writer.start()
         connect(self.client, self.opts)
 
     def stop(self) -> None:
+        """Disconnect, then write what is queued (at most `ingest_stop_timeout_s`)."""
         self.client.disconnect()
         self.client.loop_stop()
         self._subscribed.clear()
+        self.writer.stop()
+
+    def ingest_stats(self) -> IngestStats:
+        return self.writer.stats()
 
     def wait_connected(self, timeout: float) -> bool:
         """True once connected and subscribed; False if that did not happen within `timeout` seconds."""
@@ -117,12 +130,13 @@ class FleetMessaging:
 
     # ---- inbound ----------------------------------------------------------------------------------------------
 
-    def ingest(self, topic: str, payload: bytes) -> None:
-        """Parse, check and store one inbound message; anything wrong with it is logged and dropped."""
+    def ingest(self, topic: str, payload: bytes) -> bool:
+        """Parse and check one inbound message and queue it for the writer (waiting while the queue is full);
+        anything wrong with it is logged and dropped. True if it was queued."""
         try:
             where = topics.Topic.parse(topic)
             if where.channel is topics.Channel.PRESENCE and not payload:
-                return  # a retained presence message being cleared
+                return False  # a retained presence message being cleared
             msg = parse_message(payload)
             expected = SUBSCRIBED.get(where.channel)
             if expected is None or not isinstance(msg, expected):
@@ -130,32 +144,10 @@ class FleetMessaging:
             if msg.device_id != where.device_id:
                 raise MessageError(f"message names device {msg.device_id!r} but came on {where.device_id!r}'s topic")
         except (TopicError, MessageError) as exc:
+            self.rejected += 1
             log.warning("dropped message on %s: %s", clip(topic, 120), one_line(exc))
-            return
-        try:
-            self._store(msg)
-        except IntegrityError:
-            log.info("dropped duplicate %s %s from %s", msg.kind, msg.message_id, msg.device_id)
-        except SQLAlchemyError:
-            log.exception("could not store %s %s from %s", msg.kind, msg.message_id, msg.device_id)
-
-    def _store(self, msg: StatusReport | Telemetry | Presence) -> None:
-        now = self.clock()
-        resend: list[DeployCommand] = []
-        with self.sessions() as s, s.begin():
-            if isinstance(msg, StatusReport):
-                if crud.record_status(s, msg=msg, now=now) is None:
-                    log.info("dropped duplicate status %s from %s", msg.message_id, msg.device_id)
-            elif isinstance(msg, Telemetry):
-                if not crud.record_telemetry(s, msg=msg, now=now):
-                    log.debug("dropped duplicate telemetry %s from %s", msg.message_id, msg.device_id)
-            else:
-                crud.record_presence(s, msg=msg, now=now)
-                if msg.online:
-                    resend = commands_to_resend(s, settings=self.settings, device_id=msg.device_id, now=now)
-        for command in resend:
-            log.info("device %s is back; sending deployment %s again", command.device_id, command.deployment_id)
-            self.publish_deploy(command)
+            return False
+        return self.writer.submit(msg)  # type: ignore[arg-type]  (the channel check above narrowed it)
 
     # ---- paho callbacks (network thread) ---------------------------------------------------------------------
 

@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     broker_password: SecretStr = SecretStr("")  # the fleet's own MQTT password (username "fleet")
     demo: bool = False  # generate missing secrets, allow no trusted key: only `slmops demo` and tests set it
     metrics_public: bool = False  # /metrics without a token (a scraper on a private network); else viewer role
+    # Inbound MQTT ingest (fleet/ingest.py): a bounded queue drained by one writer thread in batches.
+    ingest_queue_max: int = Field(default=10_000, ge=1)  # messages waiting for the writer; full: paho's thread waits
+    ingest_batch_max: int = Field(default=500, ge=1)  # messages written in one database transaction, at most
+    ingest_batch_wait_ms: int = Field(default=50, ge=0, le=10_000)  # milliseconds a batch waits to fill once begun
+    ingest_put_timeout_s: float = Field(default=20.0, gt=0, le=40)  # seconds paho's thread waits on a full queue;
+    # then that one message is dropped and counted (below 1.5 x the 30 s MQTT keepalive, so the broker keeps the fleet)
+    ingest_stop_timeout_s: float = Field(default=10.0, gt=0)  # seconds stop() waits for the writer to drain the queue
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
