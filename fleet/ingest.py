@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from enum import Enum
 
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -49,6 +50,7 @@ from protocol.messages import DeployCommand, Presence, StatusReport, Telemetry
 
 from . import crud
 from .deployments import commands_to_resend
+from .models import StatusReportRow, TelemetrySample
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -253,9 +255,13 @@ class IngestWriter:
         try:
             with self.sessions() as s, s.begin():
                 outcome, commands = self.store(s, item, self.settings)
-        except IntegrityError:  # stored by someone else (another replica) since we looked
-            self._count(duplicates=1)
-            log.info("dropped duplicate %s %s from %s", msg.kind, msg.message_id, msg.device_id)
+        except IntegrityError as exc:
+            if self._already_stored(msg):  # stored by someone else (another replica) since we looked
+                self._count(duplicates=1)
+                log.info("dropped duplicate %s %s from %s", msg.kind, msg.message_id, msg.device_id)
+                return
+            self._count(dropped_failed=1)
+            log.error("could not store %s %s from %s: %s", msg.kind, msg.message_id, msg.device_id, why(exc))
             return
         except SQLAlchemyError as exc:
             self._count(dropped_failed=1)
@@ -269,6 +275,16 @@ class IngestWriter:
             return
         self._count(stored=outcome is Outcome.STORED, duplicates=outcome is Outcome.DUPLICATE)
         self._publish(commands)
+
+    def _already_stored(self, msg: Inbound) -> bool:
+        table = {StatusReport: StatusReportRow, Telemetry: TelemetrySample}.get(type(msg))
+        if table is None:
+            return False
+        try:
+            with self.sessions() as s:
+                return s.scalar(select(table.id).where(table.message_id == msg.message_id)) is not None
+        except SQLAlchemyError:
+            return False
 
     def _publish(self, commands: list[DeployCommand]) -> None:
         for command in commands:

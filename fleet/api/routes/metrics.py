@@ -1,4 +1,5 @@
-"""Prometheus metrics, computed from the database at scrape time so every replica reports the same numbers."""
+"""Prometheus metrics: fleet state computed from the database at scrape time (so every replica reports the same
+numbers), and this replica's own MQTT link and ingest counters (`fleet.ingest.IngestStats`, since it started)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from sqlalchemy.orm import Session
 
 from ... import crud
+from ...ingest import IngestStats
 from ..deps import FleetDep, SessionDep, metrics_access
 
 router = APIRouter(tags=["metrics"])
 
 
 class FleetCollector:
-    def __init__(self, s: Session, mqtt_connected: bool) -> None:
-        self.s, self.mqtt_connected = s, mqtt_connected
+    def __init__(self, s: Session, mqtt_connected: bool, ingest: IngestStats, rejected: int) -> None:
+        self.s, self.mqtt_connected, self.ingest, self.rejected = s, mqtt_connected, ingest, rejected
 
     def collect(self) -> Iterator[Metric]:
         total, online = crud.count_devices(self.s)
@@ -30,10 +32,38 @@ class FleetCollector:
         yield GaugeMetricFamily(
             "slmops_mqtt_connected", "1 while this replica is subscribed on the MQTT broker", value=int(self.mqtt_connected)
         )
+        yield from self.ingest_metrics()
+
+    def ingest_metrics(self) -> Iterator[Metric]:
+        st = self.ingest
+        yield GaugeMetricFamily("slmops_ingest_queue_depth", "Inbound messages waiting for the ingest writer",
+                                value=st.queued)
+        yield CounterMetricFamily("slmops_ingest_batches", "Ingest batches committed in one transaction",
+                                  value=st.batches)
+        yield CounterMetricFamily("slmops_ingest_fallbacks", "Ingest batches that failed and were written one by one",
+                                  value=st.fallbacks)
+        yield CounterMetricFamily("slmops_ingest_messages_stored", "Inbound messages written to the database",
+                                  value=st.stored)
+        yield CounterMetricFamily("slmops_ingest_duplicates", "Inbound messages already stored, skipped",
+                                  value=st.duplicates)
+        dropped = CounterMetricFamily("slmops_ingest_dropped", "Inbound messages dropped, by reason", labels=["reason"])
+        for reason, n in (("invalid", self.rejected), ("queue_full", st.dropped_full),
+                          ("store_failed", st.dropped_failed), ("stopping", st.dropped_stop)):
+            dropped.add_metric([reason], n)
+        yield dropped
+        yield CounterMetricFamily("slmops_ingest_commands_resent", "Deploy commands sent again to devices back online",
+                                  value=st.resent)
+        yield GaugeMetricFamily("slmops_ingest_last_batch_size", "Messages in the last ingest batch",
+                                value=st.last_batch_size)
+        yield GaugeMetricFamily("slmops_ingest_last_batch_seconds", "Time the last ingest batch took to write",
+                                value=st.last_batch_seconds)
+        yield GaugeMetricFamily("slmops_ingest_last_batch_lag_seconds",
+                                "From receiving the last batch's oldest message to its commit", value=st.last_batch_lag_seconds)
 
 
 @router.get("/metrics", dependencies=[Depends(metrics_access)])
 def metrics(s: SessionDep, fleet: FleetDep) -> Response:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(s, fleet.messaging.connected))
+    m = fleet.messaging
+    registry.register(FleetCollector(s, m.connected, m.ingest_stats(), m.rejected))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
