@@ -6,7 +6,8 @@ dynamic-security answers, the agent's enrolment answer and identity file) and te
 state, and refused commands that must leave it byte-identical), hypothesis generates `--examples`
 inputs (generate phase only: no shrinking, no example database, a fresh seed unless `--seed`); each input runs its
 check under a `--limit-s` alarm of CPU time (so a busy machine does not turn slow inputs into hangs) and a wall-clock
-alarm ten times longer (an input that blocks). A check that raises anything (an exception type the parser may not
+alarm ten times longer (an input that blocks); the garbage collector is paused while a check runs (a full collection
+of the fuzzer's own heap took seconds and was charged to whichever input it fell in). A check that raises anything (an exception type the parser may not
 raise, or a broken sink invariant) counts as a crash, keyed by exception type and the line that raised it, with the
 smallest input seen for it; an input that outlives an alarm counts as a hang, also when the alarm went off inside code that ignores
 exceptions (a gc callback) (an alarm interrupts Python code only, not a single long C call). Prints a summary per parser and writes `bench/results/fuzz-<time>.json`.
@@ -15,6 +16,7 @@ exceptions (a gc callback) (an alarm interrupts Python code only, not a single l
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import signal
 import sys
@@ -77,6 +79,7 @@ def fuzz(name: str, n: int, limit_s: float, seed_: int | None, advance) -> dict:
         out["inputs"] += 1
         _fired = False
         started = time.perf_counter()
+        gc.disable()  # a full collection of hypothesis' large heap would be charged to the parser: collect between inputs
         signal.setitimer(signal.ITIMER_PROF, limit_s)  # CPU time: a busy machine does not make an input a hang
         signal.setitimer(signal.ITIMER_REAL, limit_s * WALL_FACTOR)  # wall clock: catches an input that blocks
         try:
@@ -90,6 +93,7 @@ def fuzz(name: str, n: int, limit_s: float, seed_: int | None, advance) -> dict:
         finally:
             signal.setitimer(signal.ITIMER_PROF, 0)
             signal.setitimer(signal.ITIMER_REAL, 0)
+            gc.enable()
             out["slowest_s"] = max(out["slowest_s"], round(time.perf_counter() - started, 3))
             advance()
 

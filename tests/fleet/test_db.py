@@ -92,3 +92,60 @@ def test_command_seq_grows_across_replicas_sharing_the_database(tmp_path: Path) 
     finally:
         replica_a.close()
         replica_b.close()
+
+
+def test_concurrent_registrations_and_first_messages_never_fail(tmp_path: Path) -> None:
+    """Threads registering the same devices (with different groups) while others store their first presence and
+    telemetry: no IntegrityError, each device created once, its groups exactly one registration's."""
+    import threading
+
+    from sqlalchemy import select
+
+    from fleet.models import Device
+    from protocol.messages import Presence, Telemetry
+
+    database = open_database(f"sqlite:///{tmp_path / 'race.db'}")
+    ids = [f"dev-{i:02d}" for i in range(30)]
+    errors: list[BaseException] = []
+    created: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def register(groups: list[str]) -> None:
+        barrier.wait()
+        for d in ids:
+            try:
+                with database.sessions() as s, s.begin():
+                    device, new = crud.register_device(s, device_id=d, groups=groups, now=NOW)
+                    assert device.group_names == sorted(groups)
+                if new:
+                    created.append(d)
+            except BaseException as exc:  # noqa: BLE001  (the test counts every failure)
+                errors.append(exc)
+
+    def first_messages() -> None:
+        barrier.wait()
+        for i, d in enumerate(ids):
+            try:
+                with database.sessions() as s, s.begin():
+                    crud.record_presence(s, msg=Presence(device_id=d, online=True, seq=1, sent_at=NOW), now=NOW)
+                    crud.record_telemetry(s, msg=Telemetry(
+                        device_id=d, uptime_s=1, requests_total=0, tokens_generated_total=0, tokens_per_s=0,
+                        cpu_percent=1, memory_rss_mb=50, memory_percent=1, seq=i, sent_at=NOW), now=NOW)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    jobs = [threading.Thread(target=register, args=(g,)) for g in (["a"], ["a", "b"], ["c"], ["b", "c"])]
+    jobs += [threading.Thread(target=first_messages) for _ in range(2)]
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join(30)
+    assert errors == []
+    with database.sessions() as s:
+        devices = list(s.scalars(select(Device)))
+        assert sorted(d.id for d in devices) == ids
+        assert all(d.group_names in (["a"], ["a", "b"], ["c"], ["b", "c"]) for d in devices)
+        assert all(d.online for d in devices)
+    assert len(created) == len(set(created))  # a registration says "created" for a device at most once (the first
+    # message may have created it first)
+    database.close()

@@ -197,3 +197,17 @@ def test_fleet_serves_a_rotation_and_signs_under_it_without_a_restart(trusted_cl
     assert trusted_client.get("/api/v1/bundles/tiny/3").status_code == 404  # nothing stored
     build_bundle(model_dir, late, name="tiny", version=3, signers=others[:2], now=NOW)
     assert trusted_client.post("/api/v1/bundles", content=late.read_bytes()).status_code == 201
+
+
+def test_metrics_show_the_trust_root_and_its_expiry(trusted_client: TestClient, trust: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def gauges() -> dict[str, float]:
+        text = trusted_client.get("/metrics").text
+        return {f.name: f.samples[0].value for f in text_string_to_metric_families(text) if f.name.startswith("slmops_trust")}
+
+    root = load_trusted_root(roots(trust)[1])
+    assert gauges() == {"slmops_trust_root_version": 1, "slmops_trust_root_expiry_timestamp_seconds": root.expires.timestamp()}
+    keys("rotate", trust, "--role", "commands", "--expires-in-days", "30")
+    after = load_trusted_root(roots(trust)[2])
+    assert gauges() == {"slmops_trust_root_version": 2, "slmops_trust_root_expiry_timestamp_seconds": after.expires.timestamp()}

@@ -10,16 +10,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy.orm import Session
 
+from protocol.root import Root
+
 from ... import crud
 from ...ingest import IngestStats
+from ...trust import trust_for
 from ..deps import FleetDep, SessionDep, metrics_access
 
 router = APIRouter(tags=["metrics"])
 
 
 class FleetCollector:
-    def __init__(self, s: Session, mqtt_connected: bool, ingest: IngestStats, rejected: int) -> None:
-        self.s, self.mqtt_connected, self.ingest, self.rejected = s, mqtt_connected, ingest, rejected
+    def __init__(self, s: Session, mqtt_connected: bool, ingest: IngestStats, rejected: int,
+                 root: Root | None = None) -> None:
+        self.s, self.mqtt_connected, self.ingest, self.rejected, self.root = s, mqtt_connected, ingest, rejected, root
 
     def collect(self) -> Iterator[Metric]:
         total, online = crud.count_devices(self.s)
@@ -33,6 +37,12 @@ class FleetCollector:
             "slmops_mqtt_connected", "1 while this replica is subscribed on the MQTT broker", value=int(self.mqtt_connected)
         )
         yield from self.ingest_metrics()
+        if self.root is not None:  # devices drop every command once the root expires: alert well before
+            yield GaugeMetricFamily("slmops_trust_root_version", "Version of the trust root commands are signed under",
+                                    value=self.root.version)
+            yield GaugeMetricFamily("slmops_trust_root_expiry_timestamp_seconds",
+                                    "When the current trust root expires (Unix time); rotate it before then",
+                                    value=self.root.expires.timestamp())
 
     def ingest_metrics(self) -> Iterator[Metric]:
         st = self.ingest
@@ -65,5 +75,6 @@ class FleetCollector:
 def metrics(s: SessionDep, fleet: FleetDep) -> Response:
     registry = CollectorRegistry(auto_describe=False)
     m = fleet.messaging
-    registry.register(FleetCollector(s, m.connected, m.ingest_stats(), m.rejected))
+    trust = trust_for(fleet.settings)
+    registry.register(FleetCollector(s, m.connected, m.ingest_stats(), m.rejected, trust.root if trust is not None else None))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
