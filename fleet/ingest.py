@@ -1,33 +1,37 @@
-"""Inbound device messages into the database: a bounded queue drained by one writer thread, in batches.
+"""Inbound device messages into the database: a bounded queue drained by one writer thread, in batches, each message
+acknowledged to the broker only once it is committed.
 
 Workflow: `FleetMessaging` parses and checks each inbound MQTT message on paho's network thread and hands the typed
-message to `IngestWriter.submit`, which stamps the time it arrived and puts it on a bounded queue
-(`settings.ingest_queue_max` messages). `start()` runs one writer thread that takes the first waiting message, then
-more until it has `ingest_batch_max` of them or `ingest_batch_wait_ms` have passed, whichever comes first, and writes
-the whole batch in ONE transaction through `fleet.crud` (`store_message` per message, in arrival order):
+message, with a callable that acknowledges it, to `IngestWriter.submit`, which stamps the time it arrived and puts it
+on a bounded queue (`settings.ingest_queue_max` messages). `start()` runs one writer thread that takes the first
+waiting message, then more until it has `ingest_batch_max` of them or `ingest_batch_wait_ms` have passed, whichever
+comes first, and writes the whole batch in ONE transaction with bulk statements (`fleet.inbound.store_batch`: the
+rules for duplicates, old status reports, unknown devices and resends live there). After the commit it calls each
+message's ack (paho sends the QoS 1 PUBACK: `Client.ack` only appends to paho's outgoing deque and wakes its loop, so
+it is safe from this thread), then publishes the deploy commands the batch yielded, never from paho's thread.
+A second copy inside one batch is skipped as a duplicate and acknowledged with the batch.
 
-- a status report or telemetry sample already stored (same message_id: a QoS 1 redelivery, an outbox re-send) is
-  skipped, and so is a second copy inside the same batch; a status report older (by `seq`) than the one that set its
-  target's state lands in the history but does not move the target (`crud.record_status`);
-- a device first heard from is created by an upsert, so an API registration at the same moment does not fail;
-- a presence "online" from a device whose newest deployment is unfinished yields its deploy command again
-  (`fleet.deployments.commands_to_resend`); those commands are published by the writer thread through the
-  `publish` callable only after the transaction that logged them committed, never from paho's thread.
+Acknowledge after commit: the broker keeps every message the fleet has not acknowledged in the fleet's persistent
+session and sends it again, flagged DUP, when the fleet reconnects. So a fleet that dies (killed, crashed, power cut)
+with messages queued or in an uncommitted batch loses none of them: its successor (same client id) gets them again
+and stores what is missing, skipping what was committed (message_id). The broker's in-flight window bounds how many
+unacknowledged messages it sends: MQTT 5 `ingest_receive_maximum` (in CONNECT), mosquitto's
+`max_inflight_messages` for MQTT 3.1.1; the embedded broker has no window (fleet/broker.py keeps each until its ack).
 
 If a batch's transaction fails, it is rolled back and its messages are written again one transaction each, so one bad
 row never costs the others; a message that still fails is logged on one line (kind, message_id, device, error; never
-the payload), counted in `dropped_failed` and dropped.
+the payload), counted in `dropped_failed`, acknowledged (the broker would only send it again, and it would fail again)
+and dropped.
 
-Backpressure: when the queue is full `submit` blocks paho's network thread. paho 2.2 (`Client._handle_publish`)
-calls `on_message` first and sends a QoS 1 message's PUBACK only after it returns, so while the fleet waits the broker
-still holds the message, and TCP flow control slows the broker down. The wait is bounded by `ingest_put_timeout_s`
-(below 1.5 x the 30 s keepalive, past which the broker would cut the fleet off): after it the one message is logged,
-counted in `dropped_full` and dropped (paho then acknowledges it). A PUBACK means "queued in this process", not
-"committed": a fleet that crashes loses what was queued but not yet written (at most `ingest_queue_max` messages).
+Backpressure: with the receive maximum at most the queue size the queue cannot fill from the broker. When it does
+(an MQTT 3.1.1 broker with a larger window, the embedded broker) `submit` blocks paho's network thread, at most
+`ingest_put_timeout_s` (below 1.5 x the 30 s keepalive, past which the broker would cut the fleet off); the broker
+then waits for TCP to drain. After the wait that one message is refused: counted in `dropped_full`, logged, NOT
+acknowledged, so the broker still holds it and sends it again when the fleet next reconnects (not lost, but late).
 
 `stop()` waits up to `ingest_stop_timeout_s` for the writer to write everything queued before it, then returns; what
-is still queued then is counted in `dropped_stop` and logged. `stats()` is a consistent snapshot of the counters
-(`IngestStats`) for `/metrics`.
+is still queued then is counted in `dropped_stop`, logged and not acknowledged (the broker sends it again to the next
+fleet). `stats()` is a consistent snapshot of the counters (`IngestStats`) for `/metrics`.
 """
 
 from __future__ import annotations
@@ -36,40 +40,38 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from enum import Enum
 
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from protocol.errors import one_line
-from protocol.messages import DeployCommand, Presence, StatusReport, Telemetry
+from protocol.messages import DeployCommand, StatusReport, Telemetry
 
-from . import crud
-from .deployments import commands_to_resend
+from .inbound import Inbound, Item, Outcome, Written, store_batch, store_message
 from .models import StatusReportRow, TelemetrySample
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-Inbound = StatusReport | Telemetry | Presence
+__all__ = ["IngestStats", "IngestWriter", "Item", "Outcome", "store_batch", "store_message"]
+
 POLL_S = 0.1  # seconds the idle writer sleeps between looks at the stop flag
+Ack = Callable[[], None]  # tells the broker one message is safe (paho's Client.ack for its mid); a no-op for QoS 0
 
 
-class Outcome(Enum):
-    STORED = "stored"
-    DUPLICATE = "duplicate"
+def no_ack() -> None:
+    """The ack of a message nobody needs to acknowledge (QoS 0, or handed in without a broker)."""
 
 
 @dataclass(frozen=True)
-class Item:
-    """One checked message and the time the fleet received it (the `received_at` it is stored with)."""
-
-    msg: Inbound
-    received_at: datetime
+class Queued:
+    item: Item
+    at: float  # time.monotonic() when it was queued: the start of its ingest lag
+    ack: Ack
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,10 @@ class IngestStats:
     fallbacks: int = 0  # batches whose transaction failed and were written one message at a time
     stored: int = 0  # messages written (status, telemetry, presence)
     duplicates: int = 0  # messages already stored (or twice in one batch): skipped
-    dropped_full: int = 0  # messages dropped because the queue stayed full for ingest_put_timeout_s
-    dropped_failed: int = 0  # messages whose own transaction failed too
-    dropped_stop: int = 0  # messages still queued when stop() gave up waiting
+    acked: int = 0  # messages acknowledged to the broker (after their commit, or refused by the database)
+    dropped_full: int = 0  # messages refused unacknowledged: the queue stayed full for ingest_put_timeout_s
+    dropped_failed: int = 0  # messages whose own transaction failed too (acknowledged: a resend would fail again)
+    dropped_stop: int = 0  # messages still queued when stop() gave up waiting (unacknowledged)
     resent: int = 0  # deploy commands published again after a presence "online"
     last_batch_size: int = 0  # messages in the last batch written
     last_batch_seconds: float = 0.0  # how long writing the last batch took
@@ -94,21 +97,7 @@ class IngestStats:
         return self.dropped_full + self.dropped_failed + self.dropped_stop
 
 
-StoreFn = Callable[[Session, Item, Settings], tuple[Outcome, list[DeployCommand]]]
-
-
-def store_message(s: Session, item: Item, settings: Settings) -> tuple[Outcome, list[DeployCommand]]:
-    """Write one message inside the caller's transaction; returns its outcome and the deploy commands to publish
-    once that transaction has committed."""
-    msg, now = item.msg, item.received_at
-    if isinstance(msg, StatusReport):
-        return (Outcome.STORED if crud.record_status(s, msg=msg, now=now) else Outcome.DUPLICATE), []
-    if isinstance(msg, Telemetry):
-        return (Outcome.STORED if crud.record_telemetry(s, msg=msg, now=now) else Outcome.DUPLICATE), []
-    crud.record_presence(s, msg=msg, now=now)
-    if msg.online:
-        return Outcome.STORED, commands_to_resend(s, settings=settings, device_id=msg.device_id, now=now)
-    return Outcome.STORED, []
+StoreFn = Callable[[Session, Sequence[Item], Settings], Written]  # fleet.inbound.store_batch, or a test's wrapper
 
 
 def why(exc: BaseException) -> str:
@@ -131,10 +120,10 @@ class IngestWriter:
         *,
         publish: Callable[[DeployCommand], None],
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-        store: StoreFn = store_message,
+        store: StoreFn = store_batch,
     ) -> None:
         self.settings, self.sessions, self.publish, self.clock, self.store = settings, sessions, publish, clock, store
-        self.queue: queue.Queue[tuple[Item, float]] = queue.Queue(maxsize=settings.ingest_queue_max)
+        self.queue: queue.Queue[Queued] = queue.Queue(maxsize=settings.ingest_queue_max)
         self._stats = IngestStats()
         self._lock = threading.Lock()  # guards _stats: the writer and paho's thread both count
         self._stopping = threading.Event()
@@ -168,15 +157,17 @@ class IngestWriter:
 
     # ---- paho's thread ----------------------------------------------------------------------------------------
 
-    def submit(self, msg: Inbound) -> bool:
-        """Queue a checked message; blocks while the queue is full, at most `ingest_put_timeout_s`. False: the wait
-        ran out and the message was dropped (logged, counted)."""
+    def submit(self, msg: Inbound, ack: Ack = no_ack) -> bool:
+        """Queue a checked message, to be acknowledged with `ack` once committed; blocks while the queue is full, at
+        most `ingest_put_timeout_s`. False: the wait ran out and the message was refused, NOT acknowledged (logged,
+        counted), so the broker sends it again when the fleet reconnects."""
         item = Item(msg, self.clock())
         try:
-            self.queue.put((item, time.monotonic()), timeout=self.settings.ingest_put_timeout_s)
+            self.queue.put(Queued(item, time.monotonic(), ack), timeout=self.settings.ingest_put_timeout_s)
         except queue.Full:
             self._count(dropped_full=1)
-            log.error("dropped %s %s from %s: the ingest queue stayed full for %.0f s (the database is too slow)",
+            log.error("refused %s %s from %s unacknowledged: the ingest queue stayed full for %.0f s (the database is "
+                      "too slow); the broker sends it again at the next reconnect",
                       msg.kind, msg.message_id, msg.device_id, self.settings.ingest_put_timeout_s)
             return False
         return True
@@ -204,7 +195,7 @@ class IngestWriter:
             elif self._stopping.is_set():
                 return
 
-    def _take(self) -> list[tuple[Item, float]]:
+    def _take(self) -> list[Queued]:
         """The next batch: block for the first message (polling the stop flag), then gather until full or late."""
         try:
             first = self.queue.get(timeout=POLL_S)
@@ -220,61 +211,69 @@ class IngestWriter:
                 break
         return batch
 
-    def _write(self, batch: list[tuple[Item, float]]) -> None:
+    def _write(self, batch: list[Queued]) -> None:
         started = time.monotonic()
         items: list[Item] = []
         seen: set[str] = set()
-        for item, _ in batch:  # a second copy inside one batch (a redelivery that came quickly) is a duplicate
-            key = f"{item.msg.kind}:{item.msg.message_id}"
+        for q in batch:  # a second copy inside one batch (a redelivery that came quickly) is a duplicate
+            key = f"{q.item.msg.kind}:{q.item.msg.message_id}"
             if key not in seen:
                 seen.add(key)
-                items.append(item)
-        duplicates, stored, resend = len(batch) - len(items), 0, []
+                items.append(q.item)
+        copies = len(batch) - len(items)
         try:
             with self.sessions() as s, s.begin():
-                for item in items:
-                    outcome, commands = self.store(s, item, self.settings)
-                    stored += outcome is Outcome.STORED
-                    duplicates += outcome is Outcome.DUPLICATE
-                    resend += commands
+                written = self.store(s, items, self.settings)
         except Exception as exc:  # the database, or a bug one message set off: the others must still be stored
             log.warning("a batch of %d messages failed (%s); writing them one at a time", len(items), why(exc))
-            self._count(fallbacks=1, duplicates=len(batch) - len(items))
+            self._count(fallbacks=1, duplicates=copies)
+            resend: list[DeployCommand] = []
             for item in items:
-                self._write_one(item)
+                resend += self._write_one(item)
         else:
-            self._count(batches=1, stored=stored, duplicates=duplicates)
-            self._publish(resend)
+            self._count(batches=1, stored=written.stored, duplicates=written.duplicates + copies)
+            resend = written.commands
+        self._ack(batch)  # every message now has its final outcome: committed, duplicate, or refused by the database
+        self._publish(resend)
         done = time.monotonic()
         with self._lock:
             self._stats = replace(self._stats, last_batch_size=len(batch), last_batch_seconds=done - started,
-                                  last_batch_lag_seconds=done - batch[0][1])
+                                  last_batch_lag_seconds=done - batch[0].at)
 
-    def _write_one(self, item: Item) -> None:
+    def _ack(self, batch: list[Queued]) -> None:
+        for q in batch:
+            try:
+                q.ack()
+            except Exception as exc:  # the broker will send it again; the copy is then skipped as a duplicate
+                log.warning("could not acknowledge %s %s: %s", q.item.msg.kind, q.item.msg.message_id, one_line(exc))
+        self._count(acked=len(batch))
+
+    def _write_one(self, item: Item) -> list[DeployCommand]:
+        """One message in its own transaction; the deploy commands to publish (none if it failed)."""
         msg = item.msg
         try:
             with self.sessions() as s, s.begin():
-                outcome, commands = self.store(s, item, self.settings)
+                written = self.store(s, [item], self.settings)
         except IntegrityError as exc:
             if self._already_stored(msg):  # stored by someone else (another replica) since we looked
                 self._count(duplicates=1)
                 log.info("dropped duplicate %s %s from %s", msg.kind, msg.message_id, msg.device_id)
-                return
+                return []
             self._count(dropped_failed=1)
             log.error("could not store %s %s from %s: %s", msg.kind, msg.message_id, msg.device_id, why(exc))
-            return
+            return []
         except SQLAlchemyError as exc:
             self._count(dropped_failed=1)
             log.error("could not store %s %s from %s: %s", msg.kind, msg.message_id, msg.device_id, why(exc))
-            return
+            return []
         except Exception as exc:  # a bug: this message is lost, the writer goes on
             self._count(dropped_failed=1)
             log.error("dropped %s %s from %s after an unexpected error: %s", msg.kind, msg.message_id, msg.device_id,
                       one_line(exc))
             log.debug("the error's traceback", exc_info=True)
-            return
-        self._count(stored=outcome is Outcome.STORED, duplicates=outcome is Outcome.DUPLICATE)
-        self._publish(commands)
+            return []
+        self._count(stored=written.stored, duplicates=written.duplicates)
+        return written.commands
 
     def _already_stored(self, msg: Inbound) -> bool:
         table = {StatusReport: StatusReportRow, Telemetry: TelemetrySample}.get(type(msg))

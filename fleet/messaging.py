@@ -10,14 +10,17 @@ logged once as an error (`mqttlink.Watch`) and the fleet stays unsubscribed.
 
 Each inbound payload becomes a typed message with `protocol.messages.parse_message` (which refuses anything over
 `MAX_MESSAGE_BYTES` unparsed); a payload that does not parse, names another device than its topic, or arrives on
-the wrong channel is logged with the reason and dropped (counted in `rejected`). That is all paho's network thread
-does: a valid message goes to `fleet.ingest.IngestWriter`, whose one writer thread stores messages in batches, one
-transaction per batch, skipping what is already stored (same message_id: a QoS 1 redelivery, or a sample the
-device's outbox sent again) and, after the commit, sending a device that came online its unfinished deploy command
-again (see `fleet.deployments.commands_to_resend`). While the writer's queue is full, paho's thread waits (at most
-`ingest_put_timeout_s`) and the broker keeps the message unacknowledged meanwhile; see fleet/ingest.py. Whatever else
-handling one message raises (a bug) is logged on one line (topic and error, both cut short; never the payload) and
-that message is dropped: paho's network thread must outlive any payload. `publish_deploy` sends a `DeployCommand` at
+the wrong channel is logged with the reason, dropped (counted in `rejected`) and acknowledged at once (it would only
+be refused again). That is all paho's network thread does: a valid message goes to `fleet.ingest.IngestWriter` with
+its ack, and its one writer thread stores messages in batches, one transaction per batch, skipping what is already
+stored (same message_id: a QoS 1 redelivery, or a sample the device's outbox sent again), acknowledges them only after
+the commit (the client runs with paho's manual acks, and on MQTT 5 tells the broker its Receive Maximum,
+`ingest_receive_maximum`), and then sends a device that came online its unfinished deploy command again (see
+`fleet.deployments.commands_to_resend`). A fleet that dies before a commit gets those messages again from the broker
+when it (or its successor with the same client id) reconnects. While the writer's queue is full, paho's thread waits
+(at most `ingest_put_timeout_s`); see fleet/ingest.py. Whatever else handling one message raises (a bug) is logged on
+one line (topic and error, both cut short; never the payload) and that message is dropped and acknowledged: paho's
+network thread must outlive any payload. `publish_deploy` sends a `DeployCommand` at
 QoS 1, not retained, to `protocol.topics.cmd(device_id)`; paho queues it while the broker is away.
 
 `stop()` disconnects first (so nothing more arrives; paho's thread may still be waiting to queue one message, which
@@ -46,7 +49,7 @@ from protocol import topics
 from protocol.errors import MessageError, TopicError, clip, one_line
 from protocol.messages import DeployCommand, Presence, StatusReport, Telemetry, encode, parse_message
 
-from .ingest import IngestStats, IngestWriter
+from .ingest import Ack, IngestStats, IngestWriter, no_ack
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,8 @@ class FleetMessaging:
             keepalive_s=KEEPALIVE_S,
             reconnect_max_s=settings.reconnect_max_s,
             session_expiry_s=SESSION_EXPIRY_S,
+            manual_ack=True,
+            receive_maximum=min(settings.ingest_receive_maximum, settings.ingest_queue_max),
         )
         addr = self.opts.address
         self.host, self.port, self.protocol = addr.host, addr.port, addr.protocol
@@ -130,12 +135,14 @@ class FleetMessaging:
 
     # ---- inbound ----------------------------------------------------------------------------------------------
 
-    def ingest(self, topic: str, payload: bytes) -> bool:
-        """Parse and check one inbound message and queue it for the writer (waiting while the queue is full);
-        anything wrong with it is logged and dropped. True if it was queued."""
+    def ingest(self, topic: str, payload: bytes, ack: Ack = no_ack) -> bool:
+        """Parse and check one inbound message and queue it for the writer (waiting while the queue is full), to be
+        acknowledged with `ack` after its commit; anything wrong with it is logged and dropped, and the caller
+        acknowledges it. True if it was queued."""
         try:
             where = topics.Topic.parse(topic)
             if where.channel is topics.Channel.PRESENCE and not payload:
+                ack()
                 return False  # a retained presence message being cleared
             msg = parse_message(payload)
             expected = SUBSCRIBED.get(where.channel)
@@ -146,8 +153,9 @@ class FleetMessaging:
         except (TopicError, MessageError) as exc:
             self.rejected += 1
             log.warning("dropped message on %s: %s", clip(topic, 120), one_line(exc))
+            ack()
             return False
-        return self.writer.submit(msg)  # type: ignore[arg-type]  (the channel check above narrowed it)
+        return self.writer.submit(msg, ack)  # type: ignore[arg-type]  (the channel check above narrowed it)
 
     # ---- paho callbacks (network thread) ---------------------------------------------------------------------
 
@@ -168,14 +176,22 @@ class FleetMessaging:
         if reason.is_failure:
             log.warning("lost the MQTT broker %s:%s (%s); reconnecting", self.host, self.port, reason)
 
-    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        mid, qos = message.mid, message.qos
+
+        def ack() -> None:  # called by the writer thread after the commit (paho's ack only queues the PUBACK)
+            if qos:
+                client.ack(mid, qos)
+
         try:
             topic = message.topic  # paho decodes the topic here: it raises on bytes that are not UTF-8
         except UnicodeDecodeError:
             log.warning("dropped a message whose topic is not UTF-8")
+            ack()
             return
         try:
-            self.ingest(topic, message.payload)
+            self.ingest(topic, message.payload, ack)
         except Exception as exc:  # the network thread must survive whatever one message does
             log.error("dropped message on %s after an unexpected error: %s", clip(topic, 120), one_line(exc))
             log.debug("the error's traceback", exc_info=True)
+            ack()

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     ingest_put_timeout_s: float = Field(default=20.0, gt=0, le=40)  # seconds paho's thread waits on a full queue;
     # then that one message is dropped and counted (below 1.5 x the 30 s MQTT keepalive, so the broker keeps the fleet)
     ingest_stop_timeout_s: float = Field(default=10.0, gt=0)  # seconds stop() waits for the writer to drain the queue
+    ingest_receive_maximum: int = Field(default=4_000, ge=0, le=65_535)  # messages: MQTT 5 Receive Maximum, how many
+    # unacknowledged QoS 1 messages the broker may send the fleet (acks follow the commit), capped at ingest_queue_max
+    # so the broker alone cannot fill the queue; 0: not sent (the broker's default applies)
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":

@@ -17,7 +17,7 @@ from sqlalchemy import func, select, text
 
 from fleet import crud
 from fleet.db import Database, open_database
-from fleet.ingest import IngestStats, IngestWriter, Item, store_message
+from fleet.ingest import IngestStats, IngestWriter, Item, store_batch, store_message
 from fleet.messaging import FleetMessaging
 from fleet.models import Bundle, Command, DeploymentTarget, Device, StatusReportRow, TelemetrySample
 from fleet.settings import Settings
@@ -146,13 +146,14 @@ def test_ingest_rules(tmp_path: Path, db: Database, caplog, batches: list, chang
 
 
 def test_a_batch_that_fails_once_is_stored_whole_one_by_one(tmp_path: Path, db: Database) -> None:
-    calls: list[str] = []
+    calls: list[int] = []
 
-    def flaky(s, item: Item, settings: Settings):  # the batch's transaction fails once (e.g. a lock timeout)
-        calls.append(item.msg.message_id)
-        if len(calls) == 2:
-            raise RuntimeError("the database went away for a moment")
-        return store_message(s, item, settings)
+    def flaky(s, items: list[Item], settings: Settings):  # the batch's transaction fails once (e.g. a lock timeout)
+        calls.append(len(items))
+        written = store_batch(s, items, settings)
+        if len(calls) == 1:
+            raise RuntimeError("the database went away for a moment")  # after writing: the rollback must undo it
+        return written
 
     w = IngestWriter(writer_settings(tmp_path), db.sessions, publish=lambda c: None, clock=lambda: NOW, store=flaky)
     for m in (T1, T2, ACTIVE):
@@ -160,7 +161,8 @@ def test_a_batch_that_fails_once_is_stored_whole_one_by_one(tmp_path: Path, db: 
     w.start()
     assert w.stop(5)
     st = w.stats()
-    assert (st.stored, st.dropped, st.fallbacks, st.batches) == (3, 0, 1, 0)
+    assert calls == [3, 1, 1, 1]
+    assert (st.stored, st.dropped, st.fallbacks, st.batches, st.acked) == (3, 0, 1, 0, 3)
     assert db_state(db)["telemetry"] == [("dev-a", 1), ("dev-a", 2)]
     assert db_state(db)["history"] == [("active", 9)]
 
@@ -186,9 +188,9 @@ def test_a_malformed_message_never_reaches_the_queue(tmp_path: Path, db: Databas
 
 
 def held_store(gate: threading.Event) -> Callable:
-    def store(s, item: Item, settings: Settings):
+    def store(s, items: list[Item], settings: Settings):
         assert gate.wait(10), "the test never released the writer"
-        return store_message(s, item, settings)
+        return store_batch(s, items, settings)
 
     return store
 
@@ -356,10 +358,10 @@ def test_a_held_writer_blocks_on_message_and_loses_nothing(settings: Settings, d
         calls = {"in": 0, "out": 0}
         real_submit = writer.submit
 
-        def counting(msg):
+        def counting(msg, ack):
             calls["in"] += 1
             try:
-                return real_submit(msg)
+                return real_submit(msg, ack)
             finally:
                 calls["out"] += 1
 

@@ -85,15 +85,15 @@ def test_all_poison_in_a_row_then_reports_still_land(client: TestClient, devices
 
 def test_a_handler_bug_drops_one_message_only(client: TestClient, devices, caplog, monkeypatch) -> None:
     caplog.set_level(logging.WARNING)
-    real, calls = crud.record_status, []
+    real, calls = crud.apply_status, []
 
-    def buggy(s, *, msg, now):  # a bug one message always sets off; the writer retries its batch one by one
-        calls.append(msg.seq)
-        if msg.seq == 1:
+    def buggy(**kw):  # a bug one message always sets off; the writer retries its batch one by one
+        calls.append(kw["msg"].seq)
+        if kw["msg"].seq == 1:
             raise OverflowError("Python int too large to convert to SQLite INTEGER " + "x" * 5000)
-        return real(s, msg=msg, now=now)
+        return real(**kw)
 
-    monkeypatch.setattr(crud, "record_status", buggy)
+    monkeypatch.setattr(crud, "apply_status", buggy)
     peer = devices("slmops-agent-dev-p")
     peer.publish(STATUS, valid_report(1))
     peer.publish(STATUS, valid_report(2))
