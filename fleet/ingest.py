@@ -141,11 +141,10 @@ class IngestWriter:
         """Write what was queued before this call, waiting at most `timeout` seconds (default
         `ingest_stop_timeout_s`); True if the queue was drained."""
         self._stopping.set()
-        if self._thread is None:
-            return self.queue.empty()
-        self._thread.join(self.settings.ingest_stop_timeout_s if timeout is None else timeout)
+        if self._thread is not None:
+            self._thread.join(self.settings.ingest_stop_timeout_s if timeout is None else timeout)
         left = self.queue.qsize()
-        if self._thread.is_alive() or left:
+        if (self._thread is not None and self._thread.is_alive()) or left:
             self._count(dropped_stop=left)
             log.error("ingest writer stopped with %d messages not written (raise ingest_stop_timeout_s)", left)
             return False
