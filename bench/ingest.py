@@ -1,4 +1,5 @@
-"""Fleet ingest measurement (not a test): `python -m bench.ingest [--n 5000] [--devices 20] [--broker mosquitto]`.
+"""Fleet ingest measurement (not a test): `python -m bench.ingest [--n 5000] [--devices 20] [--broker mosquitto]
+[--status-every 5]`.
 
 Workflow: for each path, old then new, on a fresh SQLite file:
 - "old": the fleet's own `FleetMessaging` with its writer replaced by what the fleet did before fleet/ingest.py:
@@ -6,8 +7,11 @@ Workflow: for each path, old then new, on a fresh SQLite file:
 - "new": `FleetMessaging` as shipped: paho's thread only parses and queues, one writer thread stores in batches.
 Each path is driven twice: "direct" hands N payloads to `FleetMessaging.ingest` from one thread (the database path
 alone, no network), and "mqtt" has `--devices` paho clients publish N messages at QoS 1 through a real broker
-(mosquitto when installed, with `max_queued_messages 0` so the broker itself drops nothing; else the embedded amqtt
-broker) to the fleet's real paho client. Messages are 80 % telemetry and 20 % status reports, each unique.
+(mosquitto when installed, from a config file the bench writes: `max_queued_messages 0` so the broker itself drops
+nothing, the fleet on MQTT 5 so its Receive Maximum sets how many unacknowledged messages mosquitto sends it; else
+the embedded amqtt broker on MQTT 3.1.1) to the fleet's real paho client, which acknowledges each message after its
+commit. Every `--status-every`th message is a status report (default 5: 80 % telemetry; 0: telemetry only, the
+ingest target's case), each message unique.
 Stored is counted in the database; lost = sent - stored once nothing has arrived for `--settle` seconds.
 Writes `bench/results/ingest-<time>.json` and prints one line per run.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -32,7 +37,7 @@ import paho.mqtt.client as mqtt
 from sqlalchemy import func, select
 
 from fleet.db import open_database
-from fleet.ingest import Item, store_message
+from fleet.ingest import Item, no_ack, store_message
 from fleet.messaging import FleetMessaging
 from fleet.models import StatusReportRow, TelemetrySample
 from fleet.settings import Settings
@@ -45,12 +50,13 @@ MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sb
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
-def payloads(n: int, devices: int) -> list[tuple[str, str, bytes]]:
-    """(device, topic, payload) for n unique messages spread over the devices: every 5th a status report."""
+def payloads(n: int, devices: int, status_every: int = 5) -> list[tuple[str, str, bytes]]:
+    """(device, topic, payload) for n unique messages spread over the devices: every `status_every`th a status
+    report (0: none)."""
     out = []
     for i in range(n):
         dev = f"dev-{i % devices:04d}"
-        if i % 5 == 4:
+        if status_every and i % status_every == status_every - 1:
             msg = StatusReport(device_id=dev, deployment_id="dep-bench", bundle_name="tiny", bundle_version=1,
                                state=UpdateState.DOWNLOADING, seq=i, sent_at=NOW)
             out.append((dev, str(topics.status(dev)), encode(msg)))
@@ -64,12 +70,14 @@ def payloads(n: int, devices: int) -> list[tuple[str, str, bytes]]:
 def make_old(fleet: FleetMessaging) -> None:
     """Turn `fleet` into the old path: one transaction per message, on the calling (paho's) thread."""
 
-    def store_now(msg) -> bool:
+    def store_now(msg, ack=no_ack) -> bool:
         try:
             with fleet.sessions() as s, s.begin():
                 _, resend = store_message(s, Item(msg, datetime.now(timezone.utc)), fleet.settings)
         except Exception:  # the old path logged and dropped; the count of stored rows shows any loss
             return False
+        finally:
+            ack()
         for command in resend:
             fleet.publish_deploy(command)
         return True
@@ -114,7 +122,8 @@ class Broker:
         if kind == "mosquitto":
             conf = tmp / "mosquitto.conf"
             conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                            "max_queued_messages 0\nmax_inflight_messages 0\n"
+                            "max_queued_messages 0\n"  # a slow subscriber (the fleet) never loses a QoS 1 message
+                            "max_inflight_messages 100\n"  # MQTT 3.1.1 clients; the fleet's MQTT 5 Receive Maximum wins
                             + ("user root\n" if os.geteuid() == 0 else ""))
             self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
@@ -140,15 +149,46 @@ class Broker:
             self.broker.stop()
 
 
+def publish_from_devices(port: int, by_dev: dict[str, list], ready, go) -> None:
+    """In its own process: one paho client per device, each publishing its messages at QoS 1 once `go` is set, then
+    waiting until the broker acknowledged them all."""
+    clients = []
+    for dev in by_dev:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"slmops-agent-{dev}")
+        c.username_pw_set(dev, "bench-device-password")
+        c.max_inflight_messages_set(100)
+        c.connect("127.0.0.1", port, 60)
+        c.loop_start()
+        clients.append(c)
+    time.sleep(0.5)
+    ready.set()
+    go.wait(60)
+
+    def send(c: mqtt.Client, items: list) -> None:
+        infos = [c.publish(topic, payload, qos=1) for topic, payload in items]
+        for info in infos:
+            info.wait_for_publish(60)
+
+    senders = [threading.Thread(target=send, args=(c, items)) for c, items in zip(clients, by_dev.values())]
+    for s in senders:
+        s.start()
+    for s in senders:
+        s.join()
+    for c in clients:
+        c.disconnect()
+        c.loop_stop()
+
+
 def run_once(path: str, mode: str, msgs: list, args: argparse.Namespace, tmp: Path, broker: Broker | None) -> dict:
     work = tmp / f"{path}-{mode}"
-    settings = Settings(data_dir=work, broker_url=f"mqtt://127.0.0.1:{broker.port if broker else 1}",
+    scheme = "mqtt5" if broker is not None and broker.kind == "mosquitto" else "mqtt"
+    settings = Settings(data_dir=work, broker_url=f"{scheme}://127.0.0.1:{broker.port if broker else 1}",
                         client_id=f"slmops-fleet-bench-{path}-{mode}", broker_password="bench-" + "x" * 20)
     db = open_database(settings.database_url)
     fleet = FleetMessaging(settings, db.sessions)
     if path == "old":
         make_old(fleet)
-    clients: list[mqtt.Client] = []
+    devices = None
     try:
         if mode == "direct":
             fleet.writer.start()
@@ -162,34 +202,23 @@ def run_once(path: str, mode: str, msgs: list, args: argparse.Namespace, tmp: Pa
             by_dev: dict[str, list] = {}
             for dev, topic, payload in msgs:
                 by_dev.setdefault(dev, []).append((topic, payload))
-            for dev in by_dev:
-                c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"slmops-agent-{dev}")
-                c.username_pw_set(dev, "bench-device-password")
-                c.max_inflight_messages_set(100)
-                c.connect("127.0.0.1", broker.port, 60)  # type: ignore[union-attr]
-                c.loop_start()
-                clients.append(c)
-            time.sleep(0.5)
+            ready, go = multiprocessing.Event(), multiprocessing.Event()
+            devices = multiprocessing.Process(target=publish_from_devices, args=(broker.port, by_dev, ready, go))  # type: ignore[union-attr]
+            devices.start()  # the devices live in their own process, as they would on their own machines
+            if not ready.wait(30):
+                raise RuntimeError("the bench's devices did not connect")
             t0 = time.monotonic()
-
-            def send(c: mqtt.Client, items: list) -> None:
-                for topic, payload in items:
-                    c.publish(topic, payload, qos=1)
-
-            senders = [threading.Thread(target=send, args=(c, items)) for c, items in zip(clients, by_dev.values())]
-            for s in senders:
-                s.start()
-            for s in senders:
-                s.join()
+            go.set()
         got, seconds = wait_stored(db.sessions, len(msgs), t0, args.settle)
         st = fleet.ingest_stats()
         return {"path": path, "mode": mode, "sent": len(msgs), "stored": got, "lost": len(msgs) - got,
                 "seconds": round(seconds, 3), "stored_per_s": round(got / seconds, 1) if seconds > 0 else None,
                 "batches": st.batches, "last_batch_size": st.last_batch_size, "dropped": st.dropped}
     finally:
-        for c in clients:
-            c.disconnect()
-            c.loop_stop()
+        if devices is not None:
+            devices.join(30)
+            if devices.is_alive():
+                devices.terminate()
         fleet.stop() if mode != "direct" else fleet.writer.stop()
         db.close()
 
@@ -199,17 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=5000, help="messages per run")
     p.add_argument("--devices", type=int, default=20, help="publishing device clients in the mqtt runs")
     p.add_argument("--broker", choices=["mosquitto", "embedded", "none"], default="mosquitto" if MOSQUITTO else "embedded")
+    p.add_argument("--paths", default="old,new", help="which paths to run, comma-separated: old, new")
+    p.add_argument("--status-every", type=int, default=5, help="every Nth message a status report; 0: telemetry only")
     p.add_argument("--settle", type=float, default=10.0, help="seconds without a new row before counting the rest lost")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args(argv)
-    msgs = payloads(args.n, args.devices)
+    msgs = payloads(args.n, args.devices, args.status_every)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as d:
         tmp = Path(d)
         broker = Broker(args.broker, tmp) if args.broker != "none" else None
         try:
             for mode in ("direct", "mqtt") if broker else ("direct",):
-                for path in ("old", "new"):
+                for path in [x for x in ("old", "new") if x in args.paths.split(",")]:
                     r = run_once(path, mode, msgs, args, tmp, broker)
                     results.append(r)
                     print(f"{mode:6} {path}: {r['stored']}/{r['sent']} stored in {r['seconds']} s "
@@ -223,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({
         "when": datetime.now(timezone.utc).isoformat(), "host": platform.node(), "cpus": os.cpu_count(),
         "python": sys.version.split()[0], "broker": args.broker, "n": args.n, "devices": args.devices,
+        "status_every": args.status_every,
         "ingest_settings": {k: getattr(settings, k) for k in ("ingest_queue_max", "ingest_batch_max",
-                                                              "ingest_batch_wait_ms")},
+                                                              "ingest_batch_wait_ms", "ingest_receive_maximum")},
         "load_average_at_end": os.getloadavg(), "runs": results,
     }, indent=2))
     print(f"wrote {out}")

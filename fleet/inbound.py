@@ -124,8 +124,10 @@ def _insert_samples(s: Session, samples: list[Item]) -> int:
     if insert is None:  # another database: the per-message path (a check, then the unique constraint)
         return sum(crud.record_telemetry(s, msg=i.msg, now=i.received_at) for i in samples)  # type: ignore[arg-type]
     table = TelemetrySample.__table__
-    stmt = insert(table).on_conflict_do_nothing(index_elements=["message_id"]).returning(table.c.message_id)
-    return len(s.execute(stmt, rows).all())
+    stmt = insert(table).on_conflict_do_nothing(index_elements=["message_id"])
+    if s.get_bind().dialect.name == "sqlite":  # sqlite3's own executemany; its rowcount is the rows inserted
+        return s.execute(stmt, rows).rowcount
+    return len(s.execute(stmt.returning(table.c.message_id), rows).all())  # pages of multi-row VALUES
 
 
 def _reports_and_presence(s: Session, items: list[Item], settings: Settings, out: Written) -> None:
