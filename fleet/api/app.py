@@ -6,7 +6,7 @@ key, an empty, short or default secret) with a ConfigError, outside demo mode.
 Lifespan: open the database (creating tables), start the embedded MQTT broker unless `broker_url` names one
 (with TLS when `embedded_broker_tls_cert_file` is set),
 connect messaging and wait briefly for its subscriptions (the app serves even while the broker is away; paho keeps
-retrying), load the trust folder (`settings.trust_dir`: its bundles role keys uploads) or the trusted keys. On shutdown everything stops in reverse order.
+retrying), start the telemetry retention job (fleet/retention.py), load the trust folder (`settings.trust_dir`: its bundles role keys uploads) or the trusted keys. On shutdown everything stops in reverse order.
 
 The embedded broker admits only clients its `fleet.acl.Authenticator` knows: the one given to `create_app` (or
 set on `app.state.authenticator` before start-up), else `fleet.auth.DbAuthenticator`: the fleet's own account
@@ -51,6 +51,7 @@ from ..errors import (
     UnauthenticatedError,
 )
 from ..messaging import FleetMessaging
+from ..retention import RetentionJob
 from ..settings import Settings
 from .deps import Fleet
 from ..trust import trust_for
@@ -112,6 +113,9 @@ def create_app(
             messaging = FleetMessaging(settings, db.sessions)
             messaging.start()
             stack.callback(messaging.stop)
+            retention = RetentionJob(settings, db.sessions)
+            retention.start()
+            stack.callback(retention.stop)
             if not await run_in_threadpool(messaging.wait_connected, CONNECT_WAIT_S):
                 log.warning("MQTT broker %s not reachable yet; still trying", settings.effective_broker_url)
             app.state.fleet = Fleet(settings=settings, db=db, store=store, messaging=messaging, keyring=keyring,
