@@ -149,9 +149,10 @@ class Broker:
             self.broker.stop()
 
 
-def publish_from_devices(port: int, by_dev: dict[str, list], ready, go) -> None:
+def publish_from_devices(port: int, by_dev: dict[str, list], ready, go, finished) -> None:
     """In its own process: one paho client per device, each publishing its messages at QoS 1 once `go` is set, then
-    waiting until the broker acknowledged them all."""
+    waiting until the broker acknowledged them all; the devices stay connected until `finished` (amqtt 0.12.1 drops
+    the acknowledged messages of a client that disconnects before it has routed them)."""
     clients = []
     for dev in by_dev:
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"slmops-agent-{dev}")
@@ -174,6 +175,7 @@ def publish_from_devices(port: int, by_dev: dict[str, list], ready, go) -> None:
         s.start()
     for s in senders:
         s.join()
+    finished.wait(600)
     for c in clients:
         c.disconnect()
         c.loop_stop()
@@ -188,7 +190,7 @@ def run_once(path: str, mode: str, msgs: list, args: argparse.Namespace, tmp: Pa
     fleet = FleetMessaging(settings, db.sessions)
     if path == "old":
         make_old(fleet)
-    devices = None
+    devices, finished = None, multiprocessing.Event()
     try:
         if mode == "direct":
             fleet.writer.start()
@@ -203,18 +205,21 @@ def run_once(path: str, mode: str, msgs: list, args: argparse.Namespace, tmp: Pa
             for dev, topic, payload in msgs:
                 by_dev.setdefault(dev, []).append((topic, payload))
             ready, go = multiprocessing.Event(), multiprocessing.Event()
-            devices = multiprocessing.Process(target=publish_from_devices, args=(broker.port, by_dev, ready, go))  # type: ignore[union-attr]
+            devices = multiprocessing.Process(target=publish_from_devices,
+                                              args=(broker.port, by_dev, ready, go, finished))  # type: ignore[union-attr]
             devices.start()  # the devices live in their own process, as they would on their own machines
             if not ready.wait(30):
                 raise RuntimeError("the bench's devices did not connect")
             t0 = time.monotonic()
             go.set()
         got, seconds = wait_stored(db.sessions, len(msgs), t0, args.settle)
+        finished.set()
         st = fleet.ingest_stats()
         return {"path": path, "mode": mode, "sent": len(msgs), "stored": got, "lost": len(msgs) - got,
                 "seconds": round(seconds, 3), "stored_per_s": round(got / seconds, 1) if seconds > 0 else None,
                 "batches": st.batches, "last_batch_size": st.last_batch_size, "dropped": st.dropped}
     finally:
+        finished.set()
         if devices is not None:
             devices.join(30)
             if devices.is_alive():
