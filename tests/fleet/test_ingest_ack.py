@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -30,7 +30,7 @@ from protocol.messages import encode
 from tests.net import FLEET_PASSWORD, MOSQUITTO, embedded_broker, login, mosquitto
 
 from .conftest import wait_until
-from .test_ingest import NOW, T1, T2, presence, telemetry
+from .test_ingest import T1, T2, presence, telemetry
 
 REPO = Path(__file__).resolve().parents[2]
 N = 60  # telemetry samples the device publishes while the first fleet holds them
@@ -50,7 +50,7 @@ class Acks:
     def __init__(self, db: Database) -> None:
         self.db, self.calls = db, []
 
-    def of(self, msg) -> callable:
+    def of(self, msg) -> Callable[[], None]:
         def ack() -> None:
             with self.db.sessions() as s:
                 n = s.scalar(select(func.count()).select_from(TelemetrySample)
