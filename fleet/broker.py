@@ -24,7 +24,10 @@ The principal admitted under each client id is kept until that device is removed
 Sessions: amqtt's stock `AnonymousAuthPlugin` marks sessions anonymous, and amqtt then drops them at disconnect and
 queues nothing for them, which would undo `clean_session=False`; `FleetAclPlugin` admits clients without that mark,
 so persistent sessions keep their subscriptions and QoS 1 messages while a client is away (amqtt hands such queued
-messages over with the retain flag set). Retained messages and last wills are amqtt's own; `_Broker` only stops
+messages over with the retain flag set). A QoS 1 message sent to a client stays in its session until that client's
+PUBACK (`_Handler`): amqtt 0.12.1 forgets it after 5 s without one, or when the connection drops, so a client that
+acknowledges only after its own work is done (the fleet acks after the database commit) would lose every message it
+held when it crashed; kept, they are sent again (DUP) when the client reconnects, as MQTT 3.1.1 asks. Retained messages and last wills are amqtt's own; `_Broker` only stops
 amqtt from replaying other clients' retained messages to a client that did not subscribe to them. For several
 fleet replicas use an external MQTT 5 broker (mosquitto with the configuration in `deploy/mosquitto/`) instead.
 """
@@ -48,7 +51,10 @@ from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
+from amqtt.mqtt.constants import QOS_1
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from amqtt.utils import format_client_message
@@ -150,6 +156,45 @@ class FleetAclPlugin(BaseAuthPlugin, BaseTopicPlugin):
         return topic is not None and action is not None and gate.allows(session, topic, action)
 
 
+class _Handler(BrokerProtocolHandler):
+    """amqtt's broker-side protocol handler, keeping an outgoing QoS 1 message in the session until it is acknowledged.
+
+    amqtt 0.12.1 waits 5 s for a PUBACK, then drops the message, and drops it too when the connection ends (its wait
+    is cancelled); here the wait has no time limit (MQTT 3.1.1 resends only on reconnect), and a message whose wait
+    ended without a PUBACK stays in `session.inflight_out`, which amqtt sends again, flagged DUP, on the next connect.
+    A PUBACK that arrives after its wait ended (amqtt's resend waits at most 10 s) still completes the message.
+    """
+
+    async def _handle_qos1_message_flow(self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage) -> None:
+        if app_message.direction != OUTGOING or app_message.qos != QOS_1 or self.session is None:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        packet_id = app_message.packet_id
+        if packet_id is None or app_message.puback_packet is not None:
+            raise AMQTTError(f"outgoing QoS 1 message {packet_id} has no packet id or was acknowledged already")
+        session = self.session
+        session.inflight_out[packet_id] = app_message  # type: ignore[assignment]
+        waiter: asyncio.Future[PubackPacket] = asyncio.get_running_loop().create_future()
+        self._puback_waiters[packet_id] = waiter
+        try:
+            packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+            await self._send_packet(packet)
+            app_message.publish_packet = packet
+            app_message.puback_packet = await waiter
+        finally:
+            if self._puback_waiters.get(packet_id) is waiter:
+                del self._puback_waiters[packet_id]
+        session.inflight_out.pop(packet_id, None)  # acknowledged: only now may the session forget it
+
+    async def handle_puback(self, puback: PubackPacket) -> None:
+        packet_id = puback.variable_header.packet_id if puback.variable_header is not None else None
+        waiter = self._puback_waiters.get(packet_id) if packet_id is not None else None
+        if waiter is None and self.session is not None and packet_id in self.session.inflight_out:
+            self.session.inflight_out.pop(packet_id)  # acknowledged after its resend stopped waiting: done
+            return
+        await super().handle_puback(puback)
+
+
 class _Broker(Broker):
     """amqtt's broker, checking each CONNECT before it touches any session, and sending a connecting client only
     the retained messages of its own subscriptions.
@@ -167,7 +212,7 @@ class _Broker(Broker):
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str, remote_port: int
                                          ) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+            handler, session = await _Handler.init_from_connect(reader, writer, self.plugins_manager)
         except MQTTError:
             await writer.close()
             raise
@@ -194,6 +239,13 @@ class _Broker(Broker):
         delay = self.config.get("timeout-disconnect-delay", 0)
         if session.keep_alive > 0 and isinstance(delay, int):
             session.keep_alive += delay
+        return handler, session
+
+    def create_offline_session(self, client_id: str) -> tuple[BrokerProtocolHandler, Session]:
+        session = Session()
+        session.client_id = client_id
+        handler = _Handler(self.plugins_manager, session)
+        session.transitions.disconnect()
         return handler, session
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:

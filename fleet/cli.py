@@ -515,7 +515,10 @@ def _read(path: Path) -> bytes:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
 
 
-from . import rollout_cli as _rollout_cli  # noqa: E402,F401  (mounts `rollout`, `groups`, `tag` on `app`)
+# `slmops fleet rollout ...`, `groups` and `tag` live in fleet/rollout_cli.py (importing it adds groups and tag).
+from .rollout_cli import rollout_app as _rollout_app  # noqa: E402
+
+app.add_typer(_rollout_app, name="rollout")
 # `slmops fleet db ...` lives in fleet/db_cli.py, which imports _errors and out from here: wired last.
 from .db_cli import app as _db_app  # noqa: E402
 

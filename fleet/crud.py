@@ -139,13 +139,18 @@ def count_devices(s: Session) -> tuple[int, int]:
 
 def record_presence(s: Session, *, msg: Presence, now: datetime) -> Device:
     device = heard_from(s, device_id=msg.device_id, now=now)
+    apply_presence(device, msg=msg)
+    return device
+
+
+def apply_presence(device: Device, *, msg: Presence) -> None:
+    """What a presence message says about its device (online, agent version, what it serves); not `last_seen`."""
     device.online = msg.online
     if msg.agent_version:  # free text from the device: kept to the column's size (PostgreSQL refuses longer)
         device.agent_version = msg.agent_version[:AGENT_VERSION_CHARS]
     if msg.online:  # an online device says what it serves now (None: nothing installed yet)
         device.active_name = msg.active.name if msg.active else None
         device.active_version = msg.active.version if msg.active else None
-    return device
 
 
 def record_telemetry(s: Session, *, msg: Telemetry, now: datetime) -> bool:
@@ -156,7 +161,21 @@ def record_telemetry(s: Session, *, msg: Telemetry, now: datetime) -> bool:
     and rely on the unique constraint (an IntegrityError the caller treats as a duplicate).
     """
     heard_from(s, device_id=msg.device_id, now=now)
-    values = dict(
+    values = telemetry_values(msg, now=now)
+    dialect = s.get_bind().dialect.name
+    if dialect in _UPSERT:
+        stmt = _UPSERT[dialect](TelemetrySample).values(**values).on_conflict_do_nothing(index_elements=["message_id"])
+        return s.execute(stmt.returning(TelemetrySample.id)).first() is not None  # a row back: this call stored it
+    if s.scalar(select(TelemetrySample.id).where(TelemetrySample.message_id == msg.message_id)) is not None:
+        return False
+    s.add(TelemetrySample(**values))
+    s.flush()
+    return True
+
+
+def telemetry_values(msg: Telemetry, *, now: datetime) -> dict[str, object]:
+    """The telemetry_samples row of one sample received at `now` (a raw sample: it stands for itself alone)."""
+    return dict(
         device_id=msg.device_id,
         message_id=msg.message_id,
         seq=msg.seq,
@@ -169,16 +188,9 @@ def record_telemetry(s: Session, *, msg: Telemetry, now: datetime) -> bool:
         cpu_percent=msg.cpu_percent,
         memory_rss_mb=msg.memory_rss_mb,
         memory_percent=msg.memory_percent,
+        samples=1,
+        step_s=0,
     )
-    dialect = s.get_bind().dialect.name
-    if dialect in _UPSERT:
-        stmt = _UPSERT[dialect](TelemetrySample).values(**values).on_conflict_do_nothing(index_elements=["message_id"])
-        return s.execute(stmt.returning(TelemetrySample.id)).first() is not None  # a row back: this call stored it
-    if s.scalar(select(TelemetrySample.id).where(TelemetrySample.message_id == msg.message_id)) is not None:
-        return False
-    s.add(TelemetrySample(**values))
-    s.flush()
-    return True
 
 
 def record_status(s: Session, *, msg: StatusReport, now: datetime) -> StatusReportRow | None:
@@ -190,7 +202,21 @@ def record_status(s: Session, *, msg: StatusReport, now: datetime) -> StatusRepo
     if s.scalar(select(StatusReportRow.id).where(StatusReportRow.message_id == msg.message_id)) is not None:
         return None
     device = heard_from(s, device_id=msg.device_id, now=now)
-    row = StatusReportRow(
+    row = status_row(msg, now=now)
+    s.add(row)
+    target = s.scalar(
+        select(DeploymentTarget).where(
+            DeploymentTarget.deployment_id == msg.deployment_id, DeploymentTarget.device_id == msg.device_id
+        )
+    )
+    apply_status(msg=msg, now=now, device=device, target=target)
+    s.flush()
+    return row
+
+
+def status_row(msg: StatusReport, *, now: datetime) -> StatusReportRow:
+    """The history row of one report received at `now`."""
+    return StatusReportRow(
         device_id=msg.device_id,
         deployment_id=msg.deployment_id,
         bundle_name=msg.bundle_name,
@@ -204,12 +230,11 @@ def record_status(s: Session, *, msg: StatusReport, now: datetime) -> StatusRepo
         sent_at=msg.sent_at,
         received_at=now,
     )
-    s.add(row)
-    target = s.scalar(
-        select(DeploymentTarget).where(
-            DeploymentTarget.deployment_id == msg.deployment_id, DeploymentTarget.device_id == msg.device_id
-        )
-    )
+
+
+def apply_status(*, msg: StatusReport, now: datetime, device: Device, target: DeploymentTarget | None) -> None:
+    """Move the report's deployment target (None: the fleet has none) and the device's active bundle, unless the
+    report is older (by `seq`) than the one that set the target's state. Reports must come in the order received."""
     fresh = target is None or msg.seq >= target.last_seq
     if target is not None and fresh and (target.deployment.bundle_name, target.deployment.bundle_version) == (
         msg.bundle_name,
@@ -221,8 +246,6 @@ def record_status(s: Session, *, msg: StatusReport, now: datetime) -> StatusRepo
             target.eval_metric, target.eval_score, target.eval_n = msg.eval.metric, msg.eval.score, msg.eval.n
     if fresh and msg.active_version is not None:
         device.active_name, device.active_version = msg.bundle_name, msg.active_version
-    s.flush()
-    return row
 
 
 def status_history(s: Session, *, device_id: str, limit: int = 50) -> list[StatusReportRow]:

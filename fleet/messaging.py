@@ -10,18 +10,25 @@ logged once as an error (`mqttlink.Watch`) and the fleet stays unsubscribed.
 
 Each inbound payload becomes a typed message with `protocol.messages.parse_message` (which refuses anything over
 `MAX_MESSAGE_BYTES` unparsed); a payload that does not parse, names another device than its topic, or arrives on
-the wrong channel is logged with the reason and dropped. Whatever else handling one message raises (a bug, the
-database) is logged on one line (topic and error, both cut short; never the payload) and that message is dropped:
-paho's network thread must outlive any payload. Valid ones are written in one transaction each through
-`fleet.crud`; a status report or telemetry sample already stored (same message_id: a QoS 1 redelivery, or a
-sample the device's outbox sent again) is skipped. A device that comes online gets its unfinished deploy command
-again (see `fleet.deployments.commands_to_resend`) and joins the newest rollout that targets it but does not list
-it yet (`fleet.rollouts.adopt_device`); those commands go into the outbox in the same transaction. After each
-commit `on_stored(kind)` tells the app (which pokes the outbox publisher and the rollout reconciler).
+the wrong channel is logged with the reason, dropped (counted in `rejected`) and acknowledged at once (it would only
+be refused again). That is all paho's network thread does: a valid message goes to `fleet.ingest.IngestWriter` with
+its ack, and its one writer thread stores messages in batches, one transaction per batch, skipping what is already
+stored (same message_id: a QoS 1 redelivery, or a sample the device's outbox sent again), acknowledges them only after
+the commit (the client runs with paho's manual acks, and on MQTT 5 tells the broker its Receive Maximum,
+`ingest_receive_maximum`), and then sends a device that came online its unfinished deploy command again (see
+`fleet.deployments.commands_to_resend`). A fleet that dies before a commit gets those messages again from the broker
+when it (or its successor with the same client id) reconnects. While the writer's queue is full, paho's thread waits
+(at most `ingest_put_timeout_s`); see fleet/ingest.py. Whatever else handling one message raises (a bug) is logged on
+one line (topic and error, both cut short; never the payload) and that message is dropped and acknowledged: paho's
+network thread must outlive any payload. After each batch `on_stored(kinds)` tells the app what it held.
 
 Commands leave only through the outbox publisher (fleet/outbox.py), which calls `publish_raw` (QoS 1, not
 retained) and hears of each PUBACK through `on_published`; `generation` grows on every connection, so the
 publisher knows to send again what the broker never acknowledged.
+
+`stop()` disconnects first (so nothing more arrives; paho's thread may still be waiting to queue one message, which
+the running writer makes room for), then lets the writer write what is queued (`ingest_stop_timeout_s`). A deploy
+command queued again during that drain waits in the outbox for the next start.
 
 Broker URLs (`protocol.topics.BrokerAddress`): `mqtt://host:port` speaks MQTT 3.1.1 (amqtt, the embedded broker,
 knows only that), `mqtt5://host:port` MQTT 5; `mqtts://` and `mqtt5s://` add TLS (`broker_ca_file`, or the system's
@@ -37,7 +44,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mqttlink import ClientOptions, Watch, connect, make_client
@@ -45,10 +51,7 @@ from protocol import topics
 from protocol.errors import MessageError, TopicError, clip, one_line
 from protocol.messages import Presence, StatusReport, Telemetry, parse_message
 
-from . import crud
-from . import outbox
-from .deployments import commands_to_resend
-from .rollouts import adopt_device
+from .ingest import Ack, IngestStats, IngestWriter, no_ack
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,11 @@ class FleetMessaging:
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self.settings, self.sessions, self.clock = settings, sessions, clock
+        self.on_published: Callable[[int], None] = lambda mid: None  # paho's thread: PUBACK for `mid`
+        self.on_stored: Callable[[set[str]], None] = lambda kinds: None  # after a batch committed: the kinds it held
+        self.generation = 0  # grows each time the subscriptions are in place on a new connection
+        self.writer = IngestWriter(settings, sessions, after_batch=lambda kinds: self.on_stored(kinds), clock=clock)
+        self.rejected = 0  # inbound messages refused before the queue (bad topic, payload, channel or device)
         self.opts = ClientOptions(
             broker_url=settings.effective_broker_url,
             client_id=settings.client_id,
@@ -84,34 +92,39 @@ class FleetMessaging:
             keepalive_s=KEEPALIVE_S,
             reconnect_max_s=settings.reconnect_max_s,
             session_expiry_s=SESSION_EXPIRY_S,
+            manual_ack=True,
+            receive_maximum=min(settings.ingest_receive_maximum, settings.ingest_queue_max),
         )
         addr = self.opts.address
         self.host, self.port, self.protocol = addr.host, addr.port, addr.protocol
         self._subscribed = threading.Event()
         self._sub_mid: int | None = None
         self._watch = Watch(log, self.opts)
-        self.generation = 0  # grows each time the subscriptions are in place on a new connection
-        self.on_published: Callable[[int], None] = lambda mid: None  # paho's thread: PUBACK for `mid`
-        self.on_stored: Callable[[str], None] = lambda kind: None  # after a message's transaction committed
         client = make_client(self.opts)
         client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.on_publish = self._on_publish
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.on_publish = self._on_publish
         self.client = client
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect in the background; paho retries until the broker answers."""
+        """Start the ingest writer, then connect in the background; paho retries until the broker answers."""
+        self.writer.start()
         connect(self.client, self.opts)
 
     def stop(self) -> None:
+        """Disconnect, then write what is queued (at most `ingest_stop_timeout_s`)."""
         self.client.disconnect()
         self.client.loop_stop()
         self._subscribed.clear()
+        self.writer.stop()
+
+    def ingest_stats(self) -> IngestStats:
+        return self.writer.stats()
 
     def wait_connected(self, timeout: float) -> bool:
         """True once connected and subscribed; False if that did not happen within `timeout` seconds."""
@@ -133,12 +146,15 @@ class FleetMessaging:
 
     # ---- inbound ----------------------------------------------------------------------------------------------
 
-    def ingest(self, topic: str, payload: bytes) -> None:
-        """Parse, check and store one inbound message; anything wrong with it is logged and dropped."""
+    def ingest(self, topic: str, payload: bytes, ack: Ack = no_ack) -> bool:
+        """Parse and check one inbound message and queue it for the writer (waiting while the queue is full), to be
+        acknowledged with `ack` after its commit; anything wrong with it is logged and dropped, and the caller
+        acknowledges it. True if it was queued."""
         try:
             where = topics.Topic.parse(topic)
             if where.channel is topics.Channel.PRESENCE and not payload:
-                return  # a retained presence message being cleared
+                ack()
+                return False  # a retained presence message being cleared
             msg = parse_message(payload)
             expected = SUBSCRIBED.get(where.channel)
             if expected is None or not isinstance(msg, expected):
@@ -146,35 +162,11 @@ class FleetMessaging:
             if msg.device_id != where.device_id:
                 raise MessageError(f"message names device {msg.device_id!r} but came on {where.device_id!r}'s topic")
         except (TopicError, MessageError) as exc:
+            self.rejected += 1
             log.warning("dropped message on %s: %s", clip(topic, 120), one_line(exc))
-            return
-        try:
-            self._store(msg)
-        except IntegrityError:
-            log.info("dropped duplicate %s %s from %s", msg.kind, msg.message_id, msg.device_id)
-        except SQLAlchemyError:
-            log.exception("could not store %s %s from %s", msg.kind, msg.message_id, msg.device_id)
-
-    def _store(self, msg: StatusReport | Telemetry | Presence) -> None:
-        now = self.clock()
-        with self.sessions() as s, s.begin():
-            if isinstance(msg, StatusReport):
-                if crud.record_status(s, msg=msg, now=now) is None:
-                    log.info("dropped duplicate status %s from %s", msg.message_id, msg.device_id)
-            elif isinstance(msg, Telemetry):
-                if not crud.record_telemetry(s, msg=msg, now=now):
-                    log.debug("dropped duplicate telemetry %s from %s", msg.message_id, msg.device_id)
-            else:
-                crud.record_presence(s, msg=msg, now=now)
-                if msg.online:
-                    for command in commands_to_resend(s, settings=self.settings, device_id=msg.device_id, now=now):
-                        log.info("device %s is back; sending deployment %s again", command.device_id,
-                                 command.deployment_id)
-                        outbox.enqueue(s, command, now=now)
-                    joined = adopt_device(s, device_id=msg.device_id, settings=self.settings, now=now)
-                    if joined is not None:
-                        log.info("device %s joins rollout %s", msg.device_id, joined)
-        self.on_stored(msg.kind)
+            ack()
+            return False
+        return self.writer.submit(msg, ack)  # type: ignore[arg-type]  (the channel check above narrowed it)
 
     # ---- paho callbacks (network thread) ---------------------------------------------------------------------
 
@@ -199,14 +191,22 @@ class FleetMessaging:
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
         self.on_published(mid)
 
-    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        mid, qos = message.mid, message.qos
+
+        def ack() -> None:  # called by the writer thread after the commit (paho's ack only queues the PUBACK)
+            if qos:
+                client.ack(mid, qos)
+
         try:
             topic = message.topic  # paho decodes the topic here: it raises on bytes that are not UTF-8
         except UnicodeDecodeError:
             log.warning("dropped a message whose topic is not UTF-8")
+            ack()
             return
         try:
-            self.ingest(topic, message.payload)
+            self.ingest(topic, message.payload, ack)
         except Exception as exc:  # the network thread must survive whatever one message does
             log.error("dropped message on %s after an unexpected error: %s", clip(topic, 120), one_line(exc))
             log.debug("the error's traceback", exc_info=True)
+            ack()

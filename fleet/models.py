@@ -11,7 +11,8 @@
     device_tags         key=value tags that target queries select devices by
     outbox              signed commands waiting for the one publisher (fleet/outbox.py); sent_at set on PUBACK
     status_reports      append-only history of what devices reported (deduplicated by message_id)
-    telemetry_samples   numeric health samples (deduplicated by message_id)
+    telemetry_samples   numeric health samples (deduplicated by message_id); older ones rolled up per device and
+                        step (fleet/retention.py): `samples` raw samples in one row of `step_s` seconds
     api_tokens          bearer tokens of the HTTP API with their role (stored as sha256 hashes only)
     enrolment_tokens    one-time tokens a device trades for its own credentials (hashes only)
     audit_log           who changed what, when (append-only)
@@ -254,7 +255,10 @@ class StatusReportRow(Base):
 
 class TelemetrySample(Base):
     __tablename__ = "telemetry_samples"
-    __table_args__ = (Index("ix_telemetry_device_time", "device_id", "received_at"),)
+    __table_args__ = (
+        Index("ix_telemetry_device_time", "device_id", "received_at"),
+        Index("ix_telemetry_step_time", "step_s", "received_at"),  # retention: raw rows (step 0) by age, rollups by age
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
@@ -269,6 +273,8 @@ class TelemetrySample(Base):
     cpu_percent: Mapped[float]
     memory_rss_mb: Mapped[float]
     memory_percent: Mapped[float]
+    samples: Mapped[int] = mapped_column(default=1, server_default="1")  # raw samples this row stands for: 1 if raw
+    step_s: Mapped[int] = mapped_column(default=0, server_default="0")  # seconds a rollup row covers; 0: a raw sample
 
 
 class ApiToken(Base):

@@ -22,7 +22,6 @@ from protocol.errors import ConfigError
 from .cli import DEFAULT_URL, CaOpt, CertOpt, KeyOpt, TokenOpt, UrlOpt, _errors, _http, _path_part, app, out
 
 rollout_app = typer.Typer(help="Staged rollouts: a canary, then waves, behind quality gates.", no_args_is_help=True)
-app.add_typer(rollout_app, name="rollout")
 
 WAVE_RE = re.compile(r"(\d{1,7})(%?)")  # "25%" (cumulative share) or "100" (devices added)
 GATE_RE = re.compile(r"([a-z][a-z0-9_]{0,63})>=(0(?:\.\d{1,6})?|1(?:\.0{1,6})?)")

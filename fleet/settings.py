@@ -75,6 +75,22 @@ class Settings(BaseSettings):
     demo: bool = False  # generate missing secrets, allow no trusted key: only `slmops demo` and tests set it
     rollout_tick_s: float = Field(default=5.0, gt=0, le=3600)  # seconds between two visits of every live rollout
     metrics_public: bool = False  # /metrics without a token (a scraper on a private network); else viewer role
+    # Inbound MQTT ingest (fleet/ingest.py): a bounded queue drained by one writer thread in batches.
+    ingest_queue_max: int = Field(default=10_000, ge=1)  # messages waiting for the writer; full: paho's thread waits
+    ingest_batch_max: int = Field(default=500, ge=1)  # messages written in one database transaction, at most
+    ingest_batch_wait_ms: int = Field(default=50, ge=0, le=10_000)  # milliseconds a batch waits to fill once begun
+    ingest_put_timeout_s: float = Field(default=20.0, gt=0, le=40)  # seconds paho's thread waits on a full queue;
+    # then that one message is dropped and counted (below 1.5 x the 30 s MQTT keepalive, so the broker keeps the fleet)
+    ingest_stop_timeout_s: float = Field(default=10.0, gt=0)  # seconds stop() waits for the writer to drain the queue
+    # Telemetry retention (fleet/retention.py): raw samples, then one row per device per step, then nothing.
+    telemetry_raw_retention_s: int = Field(default=24 * 3600, ge=0)  # seconds raw samples are kept before rollup
+    telemetry_rollup_step_s: int = Field(default=300, ge=1, le=24 * 3600)  # seconds one rollup row covers
+    telemetry_rollup_retention_s: int = Field(default=30 * 24 * 3600, ge=0)  # seconds rollup rows are kept
+    telemetry_retention_interval_s: float = Field(default=300.0, gt=0)  # seconds between two runs of the job
+    telemetry_retention_chunk: int = Field(default=5_000, ge=1, le=100_000)  # rows per transaction (short locks)
+    ingest_receive_maximum: int = Field(default=4_000, ge=0, le=65_535)  # messages: MQTT 5 Receive Maximum, how many
+    # unacknowledged QoS 1 messages the broker may send the fleet (acks follow the commit), capped at ingest_queue_max
+    # so the broker alone cannot fill the queue; 0: not sent (the broker's default applies)
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
@@ -85,6 +101,9 @@ class Settings(BaseSettings):
         if self.tls_crl_file is not None and self.tls_client_ca_file is None:
             raise ValueError("tls_crl_file checks client certificates: set tls_client_ca_file too")
         self._check_broker_tls()
+        if self.telemetry_rollup_retention_s < self.telemetry_raw_retention_s:
+            raise ValueError("telemetry_rollup_retention_s must be at least telemetry_raw_retention_s: rollups are "
+                             "made from samples older than the raw retention")
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'fleet.db').as_posix()}"
         if not self.public_url:

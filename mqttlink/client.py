@@ -19,6 +19,7 @@ from protocol.topics import BrokerAddress
 
 BAD_CREDENTIALS = 0x86  # CONNACK "Bad user name or password" (MQTT 3.1.1 code 4 as paho reports it)
 NOT_AUTHORIZED = 0x87  # CONNACK "Not authorized" (MQTT 3.1.1 code 5)
+MAX_RECEIVE_MAXIMUM = 65_535  # the largest Receive Maximum MQTT 5 can say (a two-byte integer)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class ClientOptions:
     reconnect_max_s: float = 10.0  # seconds: the longest wait between two tries to reach the broker
     session_expiry_s: int = 7 * 24 * 3600  # seconds an MQTT 5 broker keeps the session while the client is away
     max_queued: int = 0  # messages paho keeps while the broker is away; 0: no limit
+    manual_ack: bool = False  # True: the caller acknowledges each QoS 1 message itself (`client.ack(mid, qos)`)
+    receive_maximum: int = 0  # QoS 1/2 messages (MQTT 5 only) the broker may send before an ack; 0: not sent
     address: BrokerAddress = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -47,6 +50,9 @@ class ClientOptions:
             raise ConfigError("an MQTT client id is needed for a persistent session")
         if not self.reconnect_max_s > 0:
             raise ConfigError(f"reconnect_max_s must be a positive number of seconds, not {self.reconnect_max_s}")
+        if not 0 <= self.receive_maximum <= MAX_RECEIVE_MAXIMUM:
+            raise ConfigError(f"receive_maximum must be 0 (not sent) to {MAX_RECEIVE_MAXIMUM} messages, "
+                              f"not {self.receive_maximum}")
         if self.keepalive_s < 5 or self.session_expiry_s < 0 or self.max_queued < 0:
             raise ConfigError("keepalive_s must be at least 5 s; session_expiry_s and max_queued 0 or more")
         if self.password is not None and not self.username:
@@ -72,6 +78,7 @@ def make_client(opts: ClientOptions) -> mqtt.Client:
         client_id=opts.client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
         clean_session=None if v5 else False,
+        manual_ack=opts.manual_ack,
     )
     if opts.username:
         client.username_pw_set(opts.username, opts.password)
@@ -94,6 +101,8 @@ def connect(client: mqtt.Client, opts: ClientOptions) -> None:
     if opts.address.protocol == 5:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = opts.session_expiry_s
+        if opts.receive_maximum:
+            props.ReceiveMaximum = opts.receive_maximum
         client.connect_async(opts.address.host, opts.address.port, opts.keepalive_s, clean_start=False, properties=props)
     else:
         client.connect_async(opts.address.host, opts.address.port, opts.keepalive_s)

@@ -6,7 +6,9 @@ key, an empty, short or default secret) with a ConfigError, outside demo mode.
 Lifespan: open the database (creating tables), start the embedded MQTT broker unless `broker_url` names one
 (with TLS when `embedded_broker_tls_cert_file` is set),
 connect messaging and wait briefly for its subscriptions (the app serves even while the broker is away; paho keeps
-retrying), start the outbox publisher (fleet/outbox.py) and the rollout reconciler (fleet/rollouts.py), load the trust folder (`settings.trust_dir`: its bundles role keys uploads) or the trusted keys. On shutdown everything stops in reverse order.
+retrying), start the outbox publisher (fleet/outbox.py), the rollout reconciler (fleet/rollouts.py) and the
+telemetry retention job (fleet/retention.py), load the trust folder (`settings.trust_dir`: its bundles role keys
+uploads) or the trusted keys. On shutdown everything stops in reverse order.
 
 The embedded broker admits only clients its `fleet.acl.Authenticator` knows: the one given to `create_app` (or
 set on `app.state.authenticator` before start-up), else `fleet.auth.DbAuthenticator`: the fleet's own account
@@ -52,6 +54,7 @@ from ..errors import (
 )
 from ..messaging import FleetMessaging
 from ..outbox import OutboxPublisher
+from ..retention import RetentionJob
 from ..rollouts import Reconciler
 from ..settings import Settings
 from .deps import Fleet
@@ -117,7 +120,7 @@ def create_app(
             publisher = OutboxPublisher(db.sessions, messaging)
             reconciler = Reconciler(db.sessions, settings, on_commands=publisher.poke, tick_s=settings.rollout_tick_s)
             messaging.on_published = publisher.on_published
-            messaging.on_stored = lambda kind: reconciler.poke() if kind != "telemetry" else None
+            messaging.on_stored = lambda kinds: reconciler.poke() if kinds - {"telemetry"} else None
             messaging.start()
             stack.callback(messaging.stop)
             publisher.start()
@@ -125,6 +128,9 @@ def create_app(
             reconciler.start()
             stack.callback(reconciler.stop)
             reconciler.poke()  # rollouts a stopped fleet left running continue at once
+            retention = RetentionJob(settings, db.sessions)
+            retention.start()
+            stack.callback(retention.stop)
             if not await run_in_threadpool(messaging.wait_connected, CONNECT_WAIT_S):
                 log.warning("MQTT broker %s not reachable yet; still trying", settings.effective_broker_url)
             app.state.fleet = Fleet(settings=settings, db=db, store=store, messaging=messaging, keyring=keyring,

@@ -24,6 +24,8 @@ from tests.net import device_password, embedded_broker
     pytest.param({"key_file": Path(__file__), "broker_url": "mqtts://h"}, "without its certificate", id="key_without_cert"),
     pytest.param({"reconnect_max_s": 0}, "reconnect_max_s", id="zero_backoff"),
     pytest.param({"client_id": ""}, "client id", id="no_client_id"),
+    pytest.param({"receive_maximum": 65_536}, "receive_maximum", id="receive_maximum_too_large"),
+    pytest.param({"receive_maximum": -1}, "receive_maximum", id="receive_maximum_negative"),
 ])
 def test_bad_options_are_refused_with_the_reason(kwargs: dict, match: str) -> None:
     base = {"broker_url": "mqtt://127.0.0.1:1883", "client_id": "slmops-agent-x"}
