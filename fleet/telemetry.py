@@ -137,6 +137,12 @@ def _epoch_sqlite(element: epoch_seconds, compiler: Any, **kw: Any) -> str:
     return f"CAST(strftime('%s', substr({compiler.process(element.clauses, **kw)}, 1, 19)) AS INTEGER)"
 
 
+def wavg(column):  # type: ignore[no-untyped-def]
+    """The mean of a gauge over raw samples and rollups alike: a rollup row (fleet/retention.py) stands for `samples`
+    raw samples, so each row weighs as many."""
+    return func.sum(column * TelemetrySample.samples) / func.sum(TelemetrySample.samples)
+
+
 def bucket_of(column: Any, step_s: int) -> ColumnElement[int]:
     """floor(epoch seconds / step_s) in SQL (integer division: epoch seconds are never negative here). The step is
     written into the SQL as a literal (a checked int), so GROUP BY and SELECT are the same expression to PostgreSQL,
@@ -159,8 +165,8 @@ def device_series(s: Session, *, device_id: str, w: Window) -> list[DevicePoint]
     T = TelemetrySample
     bucket = bucket_of(T.received_at, w.step_s)
     q = (
-        select(bucket, func.avg(T.cpu_percent), func.avg(T.memory_rss_mb), func.avg(T.memory_percent),
-               func.avg(T.tokens_per_s), func.max(T.requests_total), func.max(T.tokens_generated_total))
+        select(bucket, wavg(T.cpu_percent), wavg(T.memory_rss_mb), wavg(T.memory_percent),
+               wavg(T.tokens_per_s), func.max(T.requests_total), func.max(T.tokens_generated_total))
         .where(T.device_id == device_id, *_in_window(w))
         .group_by(bucket)
         .order_by(bucket)
@@ -184,8 +190,8 @@ def group_series(s: Session, *, group: str, w: Window) -> list[GroupPoint]:
     bucket = bucket_of(T.received_at, w.step_s)
     members = select(DeviceGroup.device_id).where(DeviceGroup.group == group)
     per_device = (
-        select(bucket, T.device_id, func.avg(T.cpu_percent).label("cpu"), func.max(T.cpu_percent).label("cpu_max"),
-               func.avg(T.memory_rss_mb).label("rss"), func.avg(T.tokens_per_s).label("tps"))
+        select(bucket, T.device_id, wavg(T.cpu_percent).label("cpu"), func.max(T.cpu_percent).label("cpu_max"),
+               wavg(T.memory_rss_mb).label("rss"), wavg(T.tokens_per_s).label("tps"))
         .where(T.device_id.in_(members), *_in_window(w))
         .group_by(bucket, T.device_id)
         .subquery()

@@ -225,3 +225,16 @@ def test_any_query_is_a_bounded_window_or_a_typed_refusal(since, until, step_s) 
     assert w.since.tzinfo is not None and w.until.tzinfo is not None and w.since < w.until
     assert telemetry.MIN_STEP_S <= w.step_s <= telemetry.MAX_STEP_S
     assert int(w.until.timestamp()) // w.step_s - int(w.since.timestamp()) // w.step_s + 1 <= telemetry.MAX_POINTS
+
+
+def test_a_rollup_row_weighs_as_many_samples_as_it_stands_for(db: Database) -> None:
+    """One raw sample at cpu 10 and one rollup of 3 samples at cpu 30 in the same bucket: the mean is 25, not 20."""
+    register(db, "dev", "lab")
+    sample(db, "dev", T0 + timedelta(seconds=5), cpu=10)
+    with db.sessions() as s, s.begin():
+        s.add(TelemetrySample(device_id="dev", message_id="rollup-x", seq=0, sent_at=T0, received_at=T0, uptime_s=1,
+                              requests_total=0, tokens_generated_total=0, tokens_per_s=0, cpu_percent=30,
+                              memory_rss_mb=0, memory_percent=0, samples=3, step_s=300))
+    with db.sessions() as s:
+        [point] = telemetry.device_series(s, device_id="dev", w=telemetry.Window(T0, T0 + timedelta(seconds=60), 60))
+    assert point.cpu_percent == pytest.approx(25.0)
