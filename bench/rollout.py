@@ -13,7 +13,8 @@ Workflow, each part a real process on loopback:
    every report the simulator sent is stored, or `--timeout` passes;
 6. results: devices per minute from the rollout's start to the last target's terminal state stored, reports sent
    (simulator) against stored (database) = lost, CPU seconds and peak RSS of the fleet, the broker and the
-   simulator (psutil, sampled every 0.5 s), in `bench/results/rollout-<broker>-<n>-<time>.json` and `.png`.
+   simulator (psutil, sampled every 0.5 s) until the last device finished, and the simulator's own counts (its
+   summary, written when it stops: reports published, broker acknowledgements, reconnects), in `bench/results/rollout-<broker>-<n>-<time>.json` and `.png`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import resource
 import secrets
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -202,9 +204,18 @@ def run(args: argparse.Namespace) -> dict:
             if finished >= args.devices and stored >= sent:
                 break
         totals = meter.totals()
-        time.sleep(1.0)  # stragglers: anything still in flight lands now or is lost
-        states, stored, last = db_counts(db, dep)
-        sent = json.loads(status_file.read_text())["reports"]
+        time.sleep(1.0)
+        sim.send_signal(signal.SIGTERM)  # the simulator's final counts: its summary, written as it stops
+        sim.wait(timeout=120)
+        sim_summary = json.loads(summary.read_text())
+        sent = sim_summary["reports"]
+        stored = -1
+        while True:  # anything still in flight lands now, or is lost
+            states, now_stored, last = db_counts(db, dep)
+            if now_stored == stored:
+                break
+            stored = now_stored
+            time.sleep(2.0)
         finished = sum(states.get(s, 0) for s in TERMINAL)
         span = (epoch(last) - t0_wall) if last else None
         result = {
@@ -213,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
             "rollout_s": round(span, 2) if span else None,
             "devices_per_minute": round(finished / span * 60) if span else 0,
             "finished": finished, "targets": states, "reports_sent": sent, "reports_stored": stored,
-            "reports_lost": sent - stored, "processes": totals, "timeline": meter.samples,
+            "reports_lost": sent - stored, "processes": totals, "simulator": sim_summary, "timeline": meter.samples,
             "host": {"cpus": os.cpu_count(), "note": "measured on a shared, busy box unless said otherwise"},
         }
         return result
