@@ -68,7 +68,7 @@ class Stats:
     connected: int = 0  # devices connected now
     connects: int = 0  # CONNACKs accepted (reconnects included)
     refused: int = 0  # CONNACKs refused (bad credentials, not authorised...)
-    disconnects: int = 0
+    disconnects: int = 0  # connections lost while running (not the clean ones at the end)
     commands: int = 0  # deploy and cancel commands received
     dropped: Counter = field(default_factory=Counter)  # commands dropped, by reason
     resent: int = 0  # terminal reports sent again for a repeated command

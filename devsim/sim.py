@@ -205,7 +205,7 @@ class Simulator:
         if node.up:
             node.up = False
             self.stats.connected -= 1
-            self.stats.disconnects += 1
+            self.stats.disconnects += 0 if self._stopping else 1
         self._retry(node)
 
     def _on_message(self, client: mqtt.Client, node: _Node, msg: mqtt.MQTTMessage) -> None:
