@@ -204,7 +204,12 @@ def run(args: argparse.Namespace) -> dict:
             if finished >= args.devices and stored >= sent:
                 break
         totals = meter.totals()
-        time.sleep(1.0)
+        acked, quiet_since = -1, time.monotonic()
+        while time.monotonic() - quiet_since < 3.0 and time.monotonic() - t0 < args.timeout + 60:
+            now_acked = json.loads(status_file.read_text())["acked"]  # publishes still waiting for the broker
+            if now_acked != acked:
+                acked, quiet_since = now_acked, time.monotonic()
+            time.sleep(0.5)
         sim.send_signal(signal.SIGTERM)  # the simulator's final counts: its summary, written as it stops
         sim.wait(timeout=120)
         sim_summary = json.loads(summary.read_text())
