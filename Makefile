@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 export ORT_DISABLE_TELEMETRY=1 OLIVE_DISABLE_TELEMETRY=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench bench-rollout
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ test: venv
 
 bench: venv
 	$(PY) -m bench.agent $(BENCH_ARGS)
+
+# rollout to simulated devices through a real fleet and broker (ROLLOUT_ARGS="--devices 1000 --broker embedded")
+bench-rollout: venv
+	$(PY) -m bench.rollout $(ROLLOUT_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache demo-out .pytest_cache

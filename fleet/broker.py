@@ -207,7 +207,35 @@ class _Broker(Broker):
 
     def __init__(self, config: dict[str, Any], gate: _Gate) -> None:
         self.gate = gate
+        self._wildcards: set[str] = set()  # filters with + or # ever granted (only the fleet may hold one)
         super().__init__(config)
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        granted = await super().add_subscription(subscription, session)
+        if granted < 0x80 and ("+" in subscription[0] or "#" in subscription[0]):
+            self._wildcards.add(subscription[0])
+        return granted
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        """amqtt 0.12.1's broadcast of one message, but looking only at the filters that can match it: the topic
+        itself and the wildcard filters. amqtt walks every filter of every client for every message, and each device
+        holds one (its cmd topic), so a rollout cost the square of the fleet size (bench/rollout.py measured it)."""
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        filters = [f for f in (topic, *self._wildcards) if f in self._subscriptions and self._matches(topic, f)]
+        for k_filter in filters:
+            for target_session, sub_qos in list(self._subscriptions.get(k_filter, ())):
+                qos = broadcast.get("qos", sub_qos)
+                if not await self._topic_filtering(target_session, topic=topic, action=Action.RECEIVE):
+                    continue
+                connected = target_session.transitions.state == "connected"
+                if not connected and not target_session.clean_session and qos in (1, 2) and not target_session.is_anonymous:
+                    await self._retain_broadcast_message(broadcast, qos, target_session)  # held for its return
+                    continue
+                handler = self._get_handler(target_session) if connected else None
+                if handler:
+                    running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos,
+                                                                                    retain=False)))
 
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str, remote_port: int
                                          ) -> tuple[BrokerProtocolHandler, Session]:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "fleet": ("fleet.cli", "app", "Run the fleet service; list devices; deploy bundles."),
     "agent": ("agent.cli", "app", "Run the on-device agent."),
     "demo": ("slmops.demo", "app", "Run the whole story on this machine and print a report."),
+    "sim": ("devsim.cli", "app", "Simulate N devices speaking the protocol (one process, one epoll loop) for benchmarks."),
 }
 
 
