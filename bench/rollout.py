@@ -44,10 +44,16 @@ TERMINAL = ("active", "rolled_back", "failed", "rejected")
 GROUP = "bench"
 
 
-def start_rollout(http: httpx.Client, name: str, version: int, group: str) -> str:
-    """Start the rollout to `group`; the deployment id whose targets the bench then follows.
-    (The one call to switch to POST /api/v1/rollouts once it lands.)"""
-    r = http.post("/api/v1/deployments", json={"bundle": name, "version": version, "group": group}, timeout=600)
+def start_rollout(http: httpx.Client, name: str, version: int, group: str, *, canary: int = 0,
+                  waves: tuple[float, ...] = (100.0,)) -> str:
+    """Start a rollout to `group` (POST /api/v1/rollouts): an optional canary of `canary` devices, then `waves`
+    (cumulative percents), every device allowed to update at once; the rollout id, which is also the deployment id
+    whose targets the bench follows."""
+    body = {"bundle": {"name": name, "version": version}, "target": {"group": group},
+            "strategy": {"canary": {"count": canary} if canary else None, "waves": [{"percent": w} for w in waves],
+                         "success_threshold": 0.9, "error_threshold": 0.2, "max_parallel": 1_000_000},
+            "gate": {"no_regression": False}}
+    r = http.post("/api/v1/rollouts", json=body, timeout=600)
     r.raise_for_status()
     return r.json()["id"]
 
@@ -189,7 +195,8 @@ def run(args: argparse.Namespace) -> dict:
         db = work / "fleet" / "fleet.db"
         t0_wall = time.time()
         t0 = time.monotonic()
-        dep = start_rollout(http, "bench", 1, GROUP)
+        dep = start_rollout(http, "bench", 1, GROUP, canary=args.canary,
+                            waves=tuple(float(w) for w in args.waves.split(",")))
         post_s = time.monotonic() - t0
         print(f"rollout {dep} started; the request took {post_s:.1f} s", flush=True)
         states, stored, last = {}, 0, None
@@ -286,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--broker", choices=("mosquitto", "embedded"), default="mosquitto")
     ap.add_argument("--step-s", type=float, default=0.0, help="simulated seconds per update step")
+    ap.add_argument("--canary", type=int, default=0, help="devices in a canary wave first (0: none)")
+    ap.add_argument("--waves", default="100", help="cumulative percents of the waves after the canary, e.g. 10,100")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for connects, and for the rollout")
     ap.add_argument("--settle-s", type=float, default=5.0, help="seconds between the last connect and the rollout")
     ap.add_argument("--out", type=Path, default=RESULTS)
