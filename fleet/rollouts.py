@@ -63,6 +63,7 @@ DROPPED = "cancelled"  # a target never released because its rollout stopped
 OK_STATES = frozenset({UpdateState.ACTIVE.value, UpdateState.DOWNLOADED.value})  # downloaded: a download-only command
 BAD_STATES = frozenset({UpdateState.REJECTED.value, UpdateState.FAILED.value, UpdateState.ROLLED_BACK.value})
 TERMINAL = OK_STATES | BAD_STATES | {DROPPED}
+IN_CHUNK = 500  # ids per IN (...) list
 COUNT_KEYS = ("pending", "sent", "updating", "succeeded", "failed", "timed_out", "rolled_back", "cancelled")
 
 
@@ -250,7 +251,7 @@ def release(s: Session, rollout: Rollout, *, settings: Settings, now: datetime) 
     bundle = crud.get_bundle(s, name=rollout.deployment.bundle_name, version=rollout.deployment.bundle_version)
     if bundle is None:
         return 0
-    devices = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_([t.device_id for t in waiting[:room]])))}
+    devices = {d.id: d for d in _chunked(s, select(Device), Device.id, [t.device_id for t in waiting[:room]])}
     n = 0
     for t in waiting[:room]:
         device = devices.get(t.device_id)
@@ -281,8 +282,8 @@ def _timeouts_and_resends(s: Session, rollout: Rollout, targets: list[Deployment
     silent = [t for t in targets if t.released_at is not None and t.state not in TERMINAL]
     if not silent:
         return
-    online = set(s.scalars(select(Device.id).where(Device.id.in_([t.device_id for t in silent]),
-                                                   Device.online.is_(True))))
+    online = set(_chunked(s, select(Device.id).where(Device.online.is_(True)), Device.id,
+                          [t.device_id for t in silent]))
     bundle = None
     for t in silent:
         if t.timed_out_at is None and now - t.released_at >= timeout:  # type: ignore[operator]
@@ -299,6 +300,15 @@ def _timeouts_and_resends(s: Session, rollout: Rollout, targets: list[Deployment
                 log.info("rollout %s: device %s silent for %d s; asking again", rollout.id, t.device_id,
                          (now - last).total_seconds())
                 _ask(s, t, bundle, settings=settings, now=now, download_only=strategy.download_only)
+
+
+def _chunked(s: Session, q, column, ids: list[str]) -> list:  # type: ignore[no-untyped-def]
+    """Rows of `q` whose `column` is in `ids`, asked IN_CHUNK ids at a time (databases bound how many parameters
+    one statement may carry)."""
+    out: list = []
+    for i in range(0, len(ids), IN_CHUNK):
+        out += s.scalars(q.where(column.in_(ids[i:i + IN_CHUNK]))).all()
+    return out
 
 
 def tally(rollout: Rollout, wave: int, strategy: Strategy) -> WaveTally:
@@ -411,13 +421,15 @@ def adopt_device(s: Session, *, device_id: str, settings: Settings, now: datetim
     for rollout in newest:
         if not TargetQuery.parse(rollout.query).matches(device.group_names, device.tag_map):
             continue
-        if any(t.device_id == device_id for t in rollout.deployment.targets):
+        listed = select(DeploymentTarget.id).where(DeploymentTarget.deployment_id == rollout.id,
+                                                   DeploymentTarget.device_id == device_id)
+        if s.scalar(listed) is not None:  # one indexed lookup: a presence must not load a big rollout's targets
             return None  # already part of the newest rollout that targets it
         last = len(rollout.waves) - 1
-        target = DeploymentTarget(deployment_id=rollout.id, device_id=device_id, state=PENDING, detail="joined late",
-                                  last_seq=-1, created_at=now, updated_at=now, wave=last, attempts=0)
-        rollout.deployment.targets.append(target)
+        s.add(DeploymentTarget(deployment_id=rollout.id, device_id=device_id, state=PENDING, detail="joined late",
+                               last_seq=-1, created_at=now, updated_at=now, wave=last, attempts=0))
         s.flush()
+        s.expire(rollout.deployment, ["targets"])
         release(s, rollout, settings=settings, now=now)
         return rollout.id
     return None
