@@ -17,7 +17,6 @@ Rows sent more than `keep_sent_s` ago are pruned by `prune()`.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,10 +27,10 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from protocol import topics
-from protocol.errors import one_line
 from protocol.messages import CancelCommand, DeployCommand, encode
 
 from .models import OutboxMessage
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,9 @@ def prune(s: Session, *, before: datetime, limit: int = 10_000) -> int:
     return len(ids)
 
 
-class OutboxPublisher:
+class OutboxPublisher(Worker):
+    name = "slmops-outbox"
+
     def __init__(
         self,
         sessions: sessionmaker[Session],
@@ -83,34 +84,16 @@ class OutboxPublisher:
         idle_s: float = 1.0,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
+        super().__init__(idle_s=idle_s)
         self.sessions, self.link, self.clock = sessions, link, clock
-        self.batch, self.max_unacked, self.republish_after_s, self.idle_s = batch, max_unacked, republish_after_s, idle_s
+        self.batch, self.max_unacked, self.republish_after_s = batch, max_unacked, republish_after_s
         self._acked: deque[int] = deque()  # mids paho reported acknowledged (appended from paho's thread)
         self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (row id, monotonic time published)
         self._highwater = 0  # rows up to this id were published on the current connection
         self._generation = -1
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.published = 0  # counters for /metrics
         self.acknowledged = 0
         self.republished = 0
-
-    # ---- lifecycle --------------------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="slmops-outbox", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def poke(self) -> None:
-        """New rows were committed: publish them now rather than at the next idle tick."""
-        self._wake.set()
 
     def on_published(self, mid: int) -> None:
         """paho's thread: the broker acknowledged `mid`. Only records it (paho holds its locks here)."""
@@ -120,19 +103,10 @@ class OutboxPublisher:
     def unacked(self) -> int:
         return len(self._inflight)
 
-    # ---- the loop ---------------------------------------------------------------------------------------------
+    # ---- the loop (fleet/worker.py runs it) --------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                busy = self.drain_once()
-            except Exception as exc:  # the database away, a bug: log it, keep the thread, try again
-                log.error("outbox publisher: %s", one_line(exc))
-                log.debug("traceback", exc_info=True)
-                busy = False
-            if not busy:
-                self._wake.wait(self.idle_s)
-                self._wake.clear()
+    def step(self) -> bool:
+        return self.drain_once()
 
     def drain_once(self) -> bool:
         """Mark acknowledged rows sent, then publish the next batch; True if there may be more to do at once."""

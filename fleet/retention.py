@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -40,6 +39,7 @@ from protocol.errors import one_line
 
 from .models import TelemetrySample
 from .settings import Settings
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -136,31 +136,25 @@ def _roll_up(s: Session, raw: list[TelemetrySample], step: int) -> int:
     return len(groups)
 
 
-class RetentionJob:
+class RetentionJob(Worker):
     """`run_retention` on a timer in one daemon thread (see the module docstring)."""
+
+    name = "fleet-telemetry-retention"
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], *,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+        super().__init__(idle_s=settings.telemetry_retention_interval_s)
         self.settings, self.sessions, self.clock = settings, sessions, clock
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
         self.last: RetentionReport | None = None  # the last successful run's counts
 
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("the retention job is already started; make a new RetentionJob to start again")
-        self._thread = threading.Thread(target=self._run, name="fleet-telemetry-retention", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def step(self) -> bool:
+        self.run_once()
+        return False
 
     def run_once(self) -> RetentionReport | None:
         """One run now; None if it failed (logged)."""
         try:
-            report = run_retention(self.sessions, self.settings, now=self.clock(), stopping=self._stopping.is_set)
+            report = run_retention(self.sessions, self.settings, now=self.clock(), stopping=lambda: self.stopping)
         except SQLAlchemyError as exc:
             log.error("telemetry retention failed, trying again in %.0f s: %s",
                       self.settings.telemetry_retention_interval_s, one_line(getattr(exc, "orig", None) or exc, 200))
@@ -170,7 +164,3 @@ class RetentionJob:
                      report.rolled_up, report.rollups_written, report.expired)
         self.last = report
         return report
-
-    def _run(self) -> None:
-        while not self._stopping.wait(self.settings.telemetry_retention_interval_s):
-            self.run_once()

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -51,6 +50,7 @@ from .deployments import deploy_command, plan_deployment, sign
 from .errors import NotFoundError, RolloutStateError
 from .models import PENDING, Bundle, DeploymentTarget, Device, Rollout, RolloutWave
 from .settings import Settings
+from .worker import Worker
 from .strategy import Gate, Strategy, TargetQuery, Verdict, WaveTally, check_bundle_gate, in_window, judge_wave, plan_waves
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ OK_STATES = frozenset({UpdateState.ACTIVE.value, UpdateState.DOWNLOADED.value}) 
 BAD_STATES = frozenset({UpdateState.REJECTED.value, UpdateState.FAILED.value, UpdateState.ROLLED_BACK.value})
 TERMINAL = OK_STATES | BAD_STATES | {DROPPED}
 IN_CHUNK = 500  # ids per IN (...) list
+KEEP_SENT = timedelta(days=1)  # acknowledged outbox rows are kept this long (to look into), then pruned
+PRUNE_EVERY_RUNS = 100  # reconciler runs between two prunes
 COUNT_KEYS = ("pending", "sent", "updating", "succeeded", "failed", "timed_out", "rolled_back", "cancelled")
 
 
@@ -444,39 +446,22 @@ def live_rollout_ids(s: Session) -> list[str]:
     return list(s.scalars(q.order_by(Rollout.created_at)))
 
 
-class Reconciler:
-    """Runs `reconcile` for every live rollout every `tick_s` seconds and soon after `poke()`; commits each rollout in
-    its own transaction and then pokes the outbox publisher."""
+class Reconciler(Worker):
+    """Runs `reconcile` for every live rollout every `tick_s` seconds and soon after `poke()` (at most one run every
+    `min_gap_s`); commits each rollout in its own transaction and then pokes the outbox publisher."""
+
+    name = "slmops-rollouts"
 
     def __init__(self, sessions: sessionmaker[Session], settings: Settings, *, on_commands: Callable[[], None],
                  tick_s: float = 5.0, min_gap_s: float = 0.5,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+        super().__init__(idle_s=tick_s, gap_s=min_gap_s)
         self.sessions, self.settings, self.on_commands, self.clock = sessions, settings, on_commands, clock
-        self.tick_s, self.min_gap_s = tick_s, min_gap_s  # seconds: between runs at most / at least
-        self._wake, self._stop = threading.Event(), threading.Event()
-        self._thread: threading.Thread | None = None
         self.runs = 0
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="slmops-rollouts", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def poke(self) -> None:
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.tick_s)
-            self._wake.clear()
-            if not self._stop.is_set():
-                self.run_once()
-                self._stop.wait(self.min_gap_s)  # reports arrive in bursts: one run covers many
+    def step(self) -> bool:
+        self.run_once()
+        return False
 
     def run_once(self) -> None:
         try:
@@ -494,3 +479,9 @@ class Reconciler:
                 log.debug("traceback", exc_info=True)
         self.runs += 1
         self.on_commands()
+        if self.runs % PRUNE_EVERY_RUNS == 1:
+            try:
+                with self.sessions() as s, s.begin():
+                    outbox.prune(s, before=self.clock() - KEEP_SENT)
+            except Exception as exc:
+                log.warning("could not prune the outbox: %s", one_line(exc))
