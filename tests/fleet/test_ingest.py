@@ -19,7 +19,7 @@ from fleet import crud
 from fleet.db import Database, open_database
 from fleet.ingest import IngestStats, IngestWriter, Item, store_batch, store_message
 from fleet.messaging import FleetMessaging
-from fleet.models import Bundle, Command, DeploymentTarget, Device, StatusReportRow, TelemetrySample
+from fleet.models import OutboxMessage, Bundle, Command, DeploymentTarget, Device, StatusReportRow, TelemetrySample
 from fleet.settings import Settings
 from protocol import topics
 from protocol.messages import DeployCommand, Presence, StatusReport, Telemetry, UpdateState, encode, parse_message
@@ -56,8 +56,9 @@ def db(tmp_path: Path) -> Iterator[Database]:
                         signer_keyids=[], uploaded_at=NOW)
         s.add(bundle)
         s.flush()
-        crud.create_deployment(s, deployment_id="dep1", bundle=bundle, target_kind="device", target_value="dev-a",
-                               device_ids=["dev-a"], now=NOW)
+        dep = crud.create_deployment(s, deployment_id="dep1", bundle=bundle, target_kind="device", target_value="dev-a",
+                                     device_ids=["dev-a"], now=NOW)
+        dep.targets[0].released_at = NOW  # its command went out (as fleet.deployments.plan_deployment marks it)
         s.execute(text(f"CREATE TRIGGER bad_row BEFORE INSERT ON telemetry_samples WHEN NEW.seq = {BAD_SEQ} "
                        "BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END"))
     yield database
@@ -70,12 +71,12 @@ def writer_settings(tmp_path: Path, **kw: object) -> Settings:
 
 def run_batches(tmp_path: Path, db: Database, batches: list[list]) -> tuple[IngestStats, list[DeployCommand]]:
     """Write each list of messages as one batch (all queued before the writer starts; one writer per batch), and
-    return the summed counters and every command the writers published."""
-    sent: list[DeployCommand] = []
+    return the summed counters and every deploy command the writers queued in the outbox."""
+    with db.sessions() as s:
+        before = s.scalar(select(func.max(OutboxMessage.id))) or 0
     total: dict[str, int] = {}
     for batch in batches:
-        w = IngestWriter(writer_settings(tmp_path, ingest_batch_max=1000), db.sessions, publish=sent.append,
-                         clock=lambda: NOW)
+        w = IngestWriter(writer_settings(tmp_path, ingest_batch_max=1000), db.sessions, clock=lambda: NOW)
         for msg in batch:
             assert w.submit(msg)
         w.start()
@@ -83,6 +84,9 @@ def run_batches(tmp_path: Path, db: Database, batches: list[list]) -> tuple[Inge
         for k, v in vars(w.stats()).items():
             if isinstance(v, int):
                 total[k] = total.get(k, 0) + v
+    with db.sessions() as s:
+        rows = s.scalars(select(OutboxMessage.payload).where(OutboxMessage.id > before).order_by(OutboxMessage.id))
+        sent = [m for m in map(parse_message, rows) if isinstance(m, DeployCommand)]
     return IngestStats(**total), sent
 
 
@@ -155,7 +159,7 @@ def test_a_batch_that_fails_once_is_stored_whole_one_by_one(tmp_path: Path, db: 
             raise RuntimeError("the database went away for a moment")  # after writing: the rollback must undo it
         return written
 
-    w = IngestWriter(writer_settings(tmp_path), db.sessions, publish=lambda c: None, clock=lambda: NOW, store=flaky)
+    w = IngestWriter(writer_settings(tmp_path), db.sessions, clock=lambda: NOW, store=flaky)
     for m in (T1, T2, ACTIVE):
         w.submit(m)
     w.start()
@@ -196,8 +200,7 @@ def held_store(gate: threading.Event) -> Callable:
 
 
 def test_a_full_queue_waits_at_most_the_put_timeout_then_drops_and_counts(tmp_path: Path, db: Database, caplog) -> None:
-    w = IngestWriter(writer_settings(tmp_path, ingest_queue_max=1, ingest_put_timeout_s=0.2), db.sessions,
-                     publish=lambda c: None)  # not started: nobody drains
+    w = IngestWriter(writer_settings(tmp_path, ingest_queue_max=1, ingest_put_timeout_s=0.2), db.sessions)  # not started: nobody drains
     assert w.submit(T1)
     began = time.monotonic()
     assert w.submit(T2) is False
@@ -207,7 +210,7 @@ def test_a_full_queue_waits_at_most_the_put_timeout_then_drops_and_counts(tmp_pa
 
 
 def test_stop_writes_everything_queued_before_it(tmp_path: Path, db: Database) -> None:
-    w = IngestWriter(writer_settings(tmp_path, ingest_batch_max=7), db.sessions, publish=lambda c: None)
+    w = IngestWriter(writer_settings(tmp_path, ingest_batch_max=7), db.sessions)
     samples = [telemetry(seq=i) for i in range(1, 51)]
     for m in samples:
         w.submit(m)
@@ -220,8 +223,7 @@ def test_stop_writes_everything_queued_before_it(tmp_path: Path, db: Database) -
 
 def test_stop_gives_up_after_its_timeout_and_counts_what_is_left(tmp_path: Path, db: Database) -> None:
     gate = threading.Event()
-    w = IngestWriter(writer_settings(tmp_path, ingest_batch_max=1), db.sessions, publish=lambda c: None,
-                     store=held_store(gate))
+    w = IngestWriter(writer_settings(tmp_path, ingest_batch_max=1), db.sessions,                      store=held_store(gate))
     for i in range(1, 5):
         w.submit(telemetry(seq=i))
     w.start()
@@ -247,28 +249,29 @@ def stored(client: TestClient, make_bundle) -> None:
     assert client.post("/api/v1/bundles", content=make_bundle("tiny", 1).read_bytes()).status_code == 201
 
 
-def test_resend_on_presence_is_published_by_the_writer_after_the_commit(client: TestClient, devices, stored) -> None:
+def test_resend_on_presence_is_queued_by_the_batch_and_sent_by_the_outbox(client: TestClient, devices, stored) -> None:
     fleet = client.app.state.fleet
     writer, sessions = fleet.messaging.writer, fleet.db.sessions
     assert client.post("/api/v1/devices", json={"id": "dev-r"}).status_code == 201
     dep = client.post("/api/v1/deployments", json={"bundle": "tiny", "version": 1, "device_id": "dev-r"}).json()
-    seen: list[tuple[threading.Thread, int]] = []
-    real = writer.publish
+    wait_until(lambda: fleet.publisher.acknowledged >= 1, what="the first command acknowledged by the broker")
+    seen: list[tuple[threading.Thread, set[str], int]] = []
+    real = writer.after_batch
 
-    def watching(command: DeployCommand) -> None:  # who publishes, and is the command's row committed already?
+    def watching(kinds: set[str]) -> None:  # who tells, and is the resent command's outbox row committed already?
         with sessions() as s:
-            committed = s.scalar(select(func.count()).select_from(Command).where(Command.message_id == command.message_id))
-        seen.append((threading.current_thread(), committed or 0))
-        real(command)
+            queued = s.scalar(select(func.count()).select_from(OutboxMessage).where(OutboxMessage.device_id == "dev-r"))
+        seen.append((threading.current_thread(), kinds, queued or 0))
+        real(kinds)
 
-    writer.publish = watching
+    writer.after_batch = watching
     agent = devices("slmops-agent-dev-r")
     agent.subscribe(str(topics.cmd("dev-r")))
     agent.publish(str(topics.presence("dev-r")), encode(Presence(device_id="dev-r", online=True, sent_at=NOW)))
     wait_until(lambda: len(agent.received()) == 1, what="the command sent again")
-    [(thread, committed)] = seen
+    [(thread, kinds, queued)] = [x for x in seen if "presence" in x[1]]
     assert thread is writer.writer_thread and thread is not fleet.messaging.client._thread
-    assert committed == 1
+    assert "command" in kinds and queued == 2, "the resend was in the outbox when the batch committed"
     again = parse_message(agent.received()[0].payload)
     assert isinstance(again, DeployCommand) and again.deployment_id == dep["id"]
     assert fleet.messaging.ingest_stats().resent == 1

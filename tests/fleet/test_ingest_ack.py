@@ -73,7 +73,7 @@ def settings_for(tmp_path: Path, **kw: object) -> Settings:
 
 def test_acks_come_after_the_commit_from_the_writer_thread_duplicates_included(tmp_path: Path, db: Database) -> None:
     acks = Acks(db)
-    w = IngestWriter(settings_for(tmp_path, ingest_batch_max=100), db.sessions, publish=lambda c: None)
+    w = IngestWriter(settings_for(tmp_path, ingest_batch_max=100), db.sessions)
     for m in (T1, T2, T1):  # the third is a second copy of the first in the same batch
         assert w.submit(m, acks.of(m))
     w.start()
@@ -101,8 +101,7 @@ def test_an_invalid_message_is_acked_at_once_and_never_queued(tmp_path: Path, db
 
 def test_a_message_the_full_queue_refuses_and_one_stop_leaves_behind_are_not_acked(tmp_path: Path, db: Database) -> None:
     calls: list[int] = []
-    w = IngestWriter(settings_for(tmp_path, ingest_queue_max=1, ingest_put_timeout_s=0.2), db.sessions,
-                     publish=lambda c: None)  # not started yet
+    w = IngestWriter(settings_for(tmp_path, ingest_queue_max=1, ingest_put_timeout_s=0.2), db.sessions)  # not started yet
     assert w.submit(T1, lambda: calls.append(1))
     assert w.submit(T2, lambda: calls.append(2)) is False  # the queue stayed full: refused, the broker keeps it
     assert calls == [] and w.stats().dropped_full == 1
@@ -115,7 +114,7 @@ def test_a_batch_the_database_refuses_twice_is_acked_after_each_message_failed(t
         raise RuntimeError("the database is gone")
 
     calls: list[int] = []
-    w = IngestWriter(settings_for(tmp_path), db.sessions, publish=lambda c: None, store=broken)
+    w = IngestWriter(settings_for(tmp_path), db.sessions, store=broken)
     for m in (T1, T2):
         w.submit(m, lambda m=m: calls.append(m.seq))
     w.start()
