@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import Select, delete, func, select
+from sqlalchemy import Select, delete, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -369,6 +369,15 @@ def desired_target(s: Session, *, device_id: str) -> DeploymentTarget | None:
         .limit(1)
     )
     return s.scalar(q)
+
+
+def record_commands(s: Session, *, deployment_id: str, device_ids: Sequence[str], message_ids: Sequence[str],
+                    now: datetime) -> list[int]:
+    """Log commands about to be sent, one per device; their ids (the commands' fleet-wide `seq`s), in order."""
+    rows = [dict(deployment_id=deployment_id, device_id=d, message_id=m, sent_at=now) for d, m in zip(device_ids, message_ids)]
+    s.flush()
+    stmt = insert(Command).returning(Command.id, sort_by_parameter_order=True)
+    return list(s.scalars(stmt, rows))
 
 
 def record_command(s: Session, *, deployment_id: str, device_id: str, message_id: str, now: datetime) -> Command:

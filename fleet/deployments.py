@@ -21,6 +21,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from collections.abc import Sequence
 from typing import TypeVar
 
 from protocol.messages import BundleRef, CancelCommand, DeployCommand, UpdateState
@@ -99,24 +100,26 @@ def deploy_command(
     s: Session, *, settings: Settings, deployment_id: str, bundle: Bundle, device_id: str, now: datetime,
     download_only: bool = False,
 ) -> DeployCommand:
-    message_id = uuid.uuid4().hex
-    row = crud.record_command(s, deployment_id=deployment_id, device_id=device_id, message_id=message_id, now=now)
-    cmd = DeployCommand(
-        message_id=message_id,
-        seq=row.id,
-        sent_at=now,
-        deployment_id=deployment_id,
-        device_id=device_id,
-        bundle=BundleRef(
-            name=bundle.name,
-            version=bundle.version,
-            url=settings.bundle_url(bundle.name, bundle.version),
-            sha256=bundle.sha256,
-            size=bundle.size,
-        ),
-        download_only=download_only,
-    )
-    return sign(settings, cmd)
+    [cmd] = deploy_commands(s, settings=settings, deployment_id=deployment_id, bundle=bundle, device_ids=[device_id],
+                            now=now, download_only=download_only)
+    return cmd
+
+
+def deploy_commands(
+    s: Session, *, settings: Settings, deployment_id: str, bundle: Bundle, device_ids: Sequence[str], now: datetime,
+    download_only: bool = False,
+) -> list[DeployCommand]:
+    """One signed DeployCommand per device, in order; their `commands` rows (whose ids are the seqs) are written
+    with one multi-row INSERT ... RETURNING, so a wave of thousands costs one statement, not one flush each."""
+    if not device_ids:
+        return []
+    message_ids = [uuid.uuid4().hex for _ in device_ids]
+    seqs = crud.record_commands(s, deployment_id=deployment_id, device_ids=device_ids, message_ids=message_ids, now=now)
+    ref = BundleRef(name=bundle.name, version=bundle.version, url=settings.bundle_url(bundle.name, bundle.version),
+                    sha256=bundle.sha256, size=bundle.size)
+    return [sign(settings, DeployCommand(message_id=m, seq=seq, sent_at=now, deployment_id=deployment_id, device_id=d,
+                                         bundle=ref, download_only=download_only))
+            for d, m, seq in zip(device_ids, message_ids, seqs)]
 
 
 def sign(settings: Settings, cmd: C) -> C:

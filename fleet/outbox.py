@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from protocol import topics
@@ -54,6 +54,13 @@ def enqueue(s: Session, command: Command, *, now: datetime) -> OutboxMessage:
                         created_at=now, sent_at=None)
     s.add(row)
     return row
+
+
+def enqueue_many(s: Session, commands: list[Command], *, now: datetime) -> None:
+    """`enqueue` for many commands with one multi-row INSERT."""
+    if commands:
+        s.execute(insert(OutboxMessage), [dict(device_id=c.device_id, topic=str(topics.cmd(c.device_id)),
+                                               payload=encode(c), created_at=now, sent_at=None) for c in commands])
 
 
 def unsent_count(s: Session) -> int:

@@ -31,24 +31,26 @@ matching rollout's bundle.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from protocol.errors import one_line
-from protocol.messages import CancelCommand, UpdateState
+from protocol.messages import CancelCommand
 
-from . import crud, outbox
-from .deployments import deploy_command, plan_deployment, sign
+from . import crud, outbox, rollout_counts
+from .deployments import deploy_commands, plan_deployment, sign
 from .errors import NotFoundError, RolloutStateError
 from .models import PENDING, Bundle, DeploymentTarget, Device, Rollout, RolloutWave
+from .rollout_counts import DROPPED, OK_STATES, TERMINAL
 from .settings import Settings
 from .worker import Worker
 from .strategy import Gate, Strategy, TargetQuery, Verdict, WaveTally, check_bundle_gate, in_window, judge_wave, plan_waves
@@ -59,14 +61,9 @@ RUNNING, PAUSED, SUCCEEDED = "running", "paused", "succeeded"
 ABORTED, CANCELLED, SUPERSEDED = "aborted", "cancelled", "superseded"
 LIVE = (RUNNING, PAUSED)
 WAITING, WAVE_RUNNING, WAVE_SUCCEEDED, WAVE_FAILED = "waiting", "running", "succeeded", "failed"
-DROPPED = "cancelled"  # a target never released because its rollout stopped
-OK_STATES = frozenset({UpdateState.ACTIVE.value, UpdateState.DOWNLOADED.value})  # downloaded: a download-only command
-BAD_STATES = frozenset({UpdateState.REJECTED.value, UpdateState.FAILED.value, UpdateState.ROLLED_BACK.value})
-TERMINAL = OK_STATES | BAD_STATES | {DROPPED}
 IN_CHUNK = 500  # ids per IN (...) list
 KEEP_SENT = timedelta(days=1)  # acknowledged outbox rows are kept this long (to look into), then pruned
 PRUNE_EVERY_RUNS = 100  # reconciler runs between two prunes
-COUNT_KEYS = ("pending", "sent", "updating", "succeeded", "failed", "timed_out", "rolled_back", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -150,10 +147,10 @@ def _replaced_metrics(s: Session, bundle: Bundle, devices: Iterable[Device]) -> 
 
 
 def _supersede(s: Session, device_ids: set[str], *, by: str, now: datetime) -> None:
-    for old in s.scalars(select(Rollout).where(Rollout.state.in_(LIVE))):
-        if device_ids & {t.device_id for t in old.deployment.targets}:
+    for old in s.scalars(select(Rollout).where(Rollout.state.in_(LIVE))).all():
+        if device_ids & set(s.scalars(select(DeploymentTarget.device_id).where(DeploymentTarget.deployment_id == old.id))):
             _finish(old, SUPERSEDED, f"superseded by rollout {by}", now)
-            _drop_unreleased(old, now)
+            _drop_unreleased(s, old, now)
 
 
 # ---- operator actions ---------------------------------------------------------------------------------------
@@ -209,12 +206,13 @@ def reconcile(s: Session, rollout_id: str, *, settings: Settings, now: datetime)
 
 def reconcile_rollout(s: Session, rollout: Rollout, *, settings: Settings, now: datetime) -> None:
     strategy = Strategy.model_validate(rollout.strategy)
-    targets = rollout.deployment.targets
-    _timeouts_and_resends(s, rollout, targets, strategy, settings=settings, now=now)
+    _timeouts_and_resends(s, rollout, strategy, settings=settings, now=now)
     if rollout.state == RUNNING:
+        s.flush()
+        waves = rollout_counts.by_wave(s, rollout)
         while True:  # a wave may be judged done at once (empty, or already updated devices)
             wave = rollout.waves[rollout.current_wave]
-            verdict, why = judge_wave(wave.name, tally(rollout, wave.index, strategy), strategy)
+            verdict, why = judge_wave(wave.name, tally(waves.get(wave.index, {}), strategy), strategy)
             if verdict is Verdict.ABORT:
                 wave.state, wave.finished_at = WAVE_FAILED, now
                 _stop(s, rollout, ABORTED, why, settings=settings, now=now, rollback=strategy.rollback_on_abort)
@@ -236,72 +234,89 @@ def reconcile_rollout(s: Session, rollout: Rollout, *, settings: Settings, now: 
         release(s, rollout, settings=settings, now=now)
 
 
+def _targets(s: Session, rollout: Rollout, *conditions: Any) -> Select[tuple[DeploymentTarget]]:
+    return select(DeploymentTarget).where(DeploymentTarget.deployment_id == rollout.id, *conditions)
+
+
+IN_FLIGHT = (DeploymentTarget.released_at.is_not(None), DeploymentTarget.state.not_in(TERMINAL))
+
+
 def release(s: Session, rollout: Rollout, *, settings: Settings, now: datetime) -> int:
     """Queue first commands for started waves' devices, keeping at most `max_parallel` updating; returns how many."""
     strategy = Strategy.model_validate(rollout.strategy)
     if not in_window(strategy.window, now.time()):
         return 0
-    targets = rollout.deployment.targets
-    busy = sum(1 for t in targets if t.released_at is not None and t.state not in TERMINAL and t.timed_out_at is None)
+    s.flush()
+    busy = s.scalar(select(func.count()).select_from(_targets(s, rollout, *IN_FLIGHT,
+                                                              DeploymentTarget.timed_out_at.is_(None)).subquery())) or 0
     room = strategy.max_parallel - busy
     if room <= 0:
         return 0
     started = rollout.current_wave if rollout.state == RUNNING else len(rollout.waves) - 1
-    waiting = [t for t in targets if t.released_at is None and t.state == PENDING and t.wave is not None
-               and t.wave <= started]
-    waiting.sort(key=lambda t: (t.wave or 0, t.id))
+    waiting = s.scalars(_targets(s, rollout, DeploymentTarget.released_at.is_(None), DeploymentTarget.state == PENDING,
+                                 DeploymentTarget.wave <= started)
+                        .order_by(DeploymentTarget.wave, DeploymentTarget.id).limit(room)).all()
+    if not waiting:
+        return 0
     bundle = crud.get_bundle(s, name=rollout.deployment.bundle_name, version=rollout.deployment.bundle_version)
     if bundle is None:
         return 0
-    devices = {d.id: d for d in _chunked(s, select(Device), Device.id, [t.device_id for t in waiting[:room]])}
-    n = 0
-    for t in waiting[:room]:
+    devices = {d.id: d for d in _chunked(s, select(Device), Device.id, [t.device_id for t in waiting])}
+    go = []
+    for t in waiting:
         device = devices.get(t.device_id)
         if device is None or device.revoked_at is not None:
             t.state, t.detail, t.updated_at = DROPPED, "revoked before its wave", now
             continue
         t.prev_name, t.prev_version = device.active_name, device.active_version
-        _ask(s, t, bundle, settings=settings, now=now, download_only=strategy.download_only)
         t.released_at = now
-        n += 1
-    return n
+        go.append(t)
+    _ask(s, go, bundle, settings=settings, now=now, download_only=strategy.download_only)
+    return len(go)
 
 
-def _ask(s: Session, t: DeploymentTarget, bundle: Bundle, *, settings: Settings, now: datetime,
+def _ask(s: Session, targets: list[DeploymentTarget], bundle: Bundle, *, settings: Settings, now: datetime,
          download_only: bool) -> None:
-    command = deploy_command(s, settings=settings, deployment_id=t.deployment_id, bundle=bundle,
-                             device_id=t.device_id, now=now, download_only=download_only)
-    outbox.enqueue(s, command, now=now)
-    t.asked_at, t.attempts = now, t.attempts + 1
+    """Queue a signed deploy command for each target in the outbox (one INSERT for the commands' seqs)."""
+    if not targets:
+        return
+    commands = deploy_commands(s, settings=settings, deployment_id=targets[0].deployment_id, bundle=bundle,
+                               device_ids=[t.device_id for t in targets], now=now, download_only=download_only)
+    outbox.enqueue_many(s, commands, now=now)
+    for t in targets:
+        t.asked_at, t.attempts = now, t.attempts + 1
 
 
-def _timeouts_and_resends(s: Session, rollout: Rollout, targets: list[DeploymentTarget], strategy: Strategy, *,
-                          settings: Settings, now: datetime) -> None:
+def _timeouts_and_resends(s: Session, rollout: Rollout, strategy: Strategy, *, settings: Settings,
+                          now: datetime) -> None:
+    """Mark devices past their timeout; ask online devices silent for `resend_after_s` again. Only the targets in
+    flight are read, and only those with something due."""
     if rollout.state not in (RUNNING, PAUSED, SUCCEEDED):
         return
     timeout = timedelta(seconds=strategy.device_timeout_s)
     resend = timedelta(seconds=strategy.resend_after_s)
-    silent = [t for t in targets if t.released_at is not None and t.state not in TERMINAL]
+    T = DeploymentTarget
+    for t in s.scalars(_targets(s, rollout, *IN_FLIGHT, T.timed_out_at.is_(None), T.released_at <= now - timeout)):
+        t.timed_out_at = now
+        log.info("rollout %s: device %s passed its %d s timeout (%s)", rollout.id, t.device_id,
+                 strategy.device_timeout_s, strategy.timeout_as)
+    quiet = now - resend
+    due = _targets(s, rollout, *IN_FLIGHT, T.released_at <= quiet, T.updated_at <= quiet,
+                   or_(T.asked_at.is_(None), T.asked_at <= quiet))
+    if strategy.timeout_as == "failed":
+        due = due.where(T.timed_out_at.is_(None))
+    due = due.where(T.device_id.in_(select(Device.id).where(Device.online.is_(True))))
+    silent = s.scalars(due.order_by(T.id).limit(strategy.max_parallel)).all()
     if not silent:
         return
-    online = set(_chunked(s, select(Device.id).where(Device.online.is_(True)), Device.id,
-                          [t.device_id for t in silent]))
-    bundle = None
+    bundle = crud.get_bundle(s, name=rollout.deployment.bundle_name, version=rollout.deployment.bundle_version)
+    if bundle is None:
+        return
     for t in silent:
-        if t.timed_out_at is None and now - t.released_at >= timeout:  # type: ignore[operator]
-            t.timed_out_at = now
-            log.info("rollout %s: device %s passed its %d s timeout (%s)", rollout.id, t.device_id,
-                     strategy.device_timeout_s, strategy.timeout_as)
-        if t.timed_out_at is not None and strategy.timeout_as == "failed":
-            continue
         last = max(x for x in (t.asked_at, t.updated_at, t.released_at) if x is not None)
-        if t.device_id in online and now - last >= resend:
-            bundle = bundle or crud.get_bundle(s, name=rollout.deployment.bundle_name,
-                                               version=rollout.deployment.bundle_version)
-            if bundle is not None:
-                log.info("rollout %s: device %s silent for %d s; asking again", rollout.id, t.device_id,
-                         (now - last).total_seconds())
-                _ask(s, t, bundle, settings=settings, now=now, download_only=strategy.download_only)
+        log.info("rollout %s: device %s silent for %d s; asking again", rollout.id, t.device_id,
+                 (now - last).total_seconds())
+    _ask(s, list(silent), bundle, settings=settings, now=now, download_only=strategy.download_only)
 
 
 def _chunked(s: Session, q, column, ids: list[str]) -> list:  # type: ignore[no-untyped-def]
@@ -313,49 +328,14 @@ def _chunked(s: Session, q, column, ids: list[str]) -> list:  # type: ignore[no-
     return out
 
 
-def tally(rollout: Rollout, wave: int, strategy: Strategy) -> WaveTally:
-    c = Counter(target_status(t, rollout) for t in rollout.deployment.targets if t.wave == wave)
-    bad = c["failed"] + c["rolled_back"] + (c["timed_out"] if strategy.timeout_as == "failed" else 0)
-    return WaveTally(size=sum(c.values()) - c["cancelled"], ok=c["succeeded"], bad=bad)
+def tally(c: dict[str, int], strategy: Strategy) -> WaveTally:
+    """A wave's counts (fleet.rollout_counts) as the thresholds see them."""
+    bad = c.get("failed", 0) + c.get("rolled_back", 0) + (c.get("timed_out", 0) if strategy.timeout_as == "failed" else 0)
+    return WaveTally(size=sum(c.values()) - c.get("cancelled", 0), ok=c.get("succeeded", 0), bad=bad)
 
 
-def target_status(t: DeploymentTarget, rollout: Rollout | None = None) -> str:
-    """One of COUNT_KEYS for a target row."""
-    if t.state == DROPPED:
-        return "cancelled"
-    if t.state in OK_STATES:
-        return "failed" if rollout is not None and _below_gate(t, rollout) else "succeeded"
-    if t.state == UpdateState.ROLLED_BACK.value:
-        return "rolled_back"
-    if t.state in BAD_STATES:
-        return "failed"
-    if t.timed_out_at is not None:
-        return "timed_out"
-    if t.released_at is None and t.state == PENDING and t.wave is not None:
-        return "pending"
-    return "sent" if t.state == PENDING else "updating"
-
-
-def _below_gate(t: DeploymentTarget, rollout: Rollout) -> bool:
-    metric = rollout.gate.get("device_metric")
-    if not metric:
-        return False
-    floor = float(rollout.gate.get("min", {}).get(metric, 0.0))
-    return t.eval_metric != metric or t.eval_score is None or t.eval_score < floor
-
-
-def counts(rollout: Rollout, wave: int | None = None) -> dict[str, int]:
-    c = Counter(target_status(t, rollout) for t in rollout.deployment.targets if wave is None or t.wave == wave)
-    return {k: c.get(k, 0) for k in COUNT_KEYS}
-
-
-def wave_score(rollout: Rollout, wave: int) -> dict[str, object] | None:
-    scores = [t.eval_score for t in rollout.deployment.targets
-              if t.wave == wave and t.eval_score is not None and t.state in OK_STATES | BAD_STATES]
-    metrics = {t.eval_metric for t in rollout.deployment.targets if t.wave == wave and t.eval_metric}
-    if not scores or len(metrics) != 1:
-        return None
-    return {"metric": metrics.pop(), "mean": sum(scores) / len(scores), "min": min(scores), "n": len(scores)}
+def counts(s: Session, rollout: Rollout, wave: int | None = None) -> dict[str, int]:
+    return rollout_counts.counts(s, rollout, wave)
 
 
 # ---- stopping -----------------------------------------------------------------------------------------------
@@ -371,18 +351,20 @@ def _finish(rollout: Rollout, state: str, reason: str, now: datetime) -> None:
     log.info("rollout %s %s: %s", rollout.id, state, reason)
 
 
-def _drop_unreleased(rollout: Rollout, now: datetime) -> None:
-    for t in rollout.deployment.targets:
-        if t.released_at is None and t.state == PENDING:
-            t.state, t.detail, t.updated_at = DROPPED, f"rollout {rollout.state}", now
+def _drop_unreleased(s: Session, rollout: Rollout, now: datetime) -> None:
+    s.flush()
+    s.execute(update(DeploymentTarget)
+              .where(DeploymentTarget.deployment_id == rollout.id, DeploymentTarget.released_at.is_(None),
+                     DeploymentTarget.state == PENDING)
+              .values(state=DROPPED, detail=f"rollout {rollout.state}", updated_at=now)
+              .execution_options(synchronize_session="fetch"))
 
 
 def _stop(s: Session, rollout: Rollout, state: str, reason: str, *, settings: Settings, now: datetime,
           rollback: bool) -> None:
     _finish(rollout, state, reason, now)
-    _drop_unreleased(rollout, now)
-    for t in rollout.deployment.targets:
-        if t.released_at is not None and t.state not in TERMINAL:  # stop what has not begun installing
+    _drop_unreleased(s, rollout, now)
+    for t in s.scalars(_targets(s, rollout, *IN_FLIGHT)):  # stop what has not begun installing
             message_id = uuid.uuid4().hex
             seq = crud.record_command(s, deployment_id=rollout.id, device_id=t.device_id, message_id=message_id,
                                       now=now).id
@@ -398,8 +380,8 @@ def _roll_back(s: Session, rollout: Rollout, *, settings: Settings, now: datetim
     outbox by `plan_deployment`). The agent accepts it below its version floor only because it is the version it
     kept as `previous`, verified and committed before."""
     back: dict[tuple[str, int], list[str]] = {}
-    for t in rollout.deployment.targets:
-        if t.state in OK_STATES and t.prev_name and t.prev_version is not None:
+    for t in s.scalars(_targets(s, rollout, DeploymentTarget.state.in_(OK_STATES))):
+        if t.prev_name and t.prev_version is not None:
             back.setdefault((t.prev_name, t.prev_version), []).append(t.device_id)
     for (name, version), ids in sorted(back.items()):
         for device_id in sorted(ids):
@@ -418,23 +400,28 @@ def adopt_device(s: Session, *, device_id: str, settings: Settings, now: datetim
     device = s.get(Device, device_id)
     if device is None or device.revoked_at is not None:
         return None
-    newest = s.scalars(select(Rollout).where(Rollout.state.in_((RUNNING, SUCCEEDED)))
-                       .order_by(Rollout.created_at.desc()).limit(200))
-    for rollout in newest:
-        if not TargetQuery.parse(rollout.query).matches(device.group_names, device.tag_map):
+    newest = s.execute(select(Rollout.id, Rollout.query).where(Rollout.state.in_((RUNNING, SUCCEEDED)))
+                       .order_by(Rollout.created_at.desc()).limit(200)).all()
+    groups, tags = device.group_names, device.tag_map
+    for rid, query in newest:  # ids and queries only: this runs for every presence "online"
+        if not _query(query).matches(groups, tags):
             continue
-        listed = select(DeploymentTarget.id).where(DeploymentTarget.deployment_id == rollout.id,
+        listed = select(DeploymentTarget.id).where(DeploymentTarget.deployment_id == rid,
                                                    DeploymentTarget.device_id == device_id)
         if s.scalar(listed) is not None:  # one indexed lookup: a presence must not load a big rollout's targets
             return None  # already part of the newest rollout that targets it
+        rollout = s.get_one(Rollout, rid)
         last = len(rollout.waves) - 1
         s.add(DeploymentTarget(deployment_id=rollout.id, device_id=device_id, state=PENDING, detail="joined late",
                                last_seq=-1, created_at=now, updated_at=now, wave=last, attempts=0))
-        s.flush()
-        s.expire(rollout.deployment, ["targets"])
         release(s, rollout, settings=settings, now=now)
         return rollout.id
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _query(text: str) -> TargetQuery:
+    return TargetQuery.parse(text)
 
 
 def live_rollout_ids(s: Session) -> list[str]:

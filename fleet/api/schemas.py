@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sqlalchemy.orm import Session
 
 from protocol.errors import clip
 from protocol.manifest import BundleName, Manifest, Version
@@ -407,18 +408,23 @@ class RolloutPublic(BaseModel):
     counts: dict[str, int]
 
     @classmethod
-    def of(cls, r: Rollout) -> "RolloutPublic":
-        from ..rollouts import counts, wave_score
+    def of(cls, s: Session, r: Rollout) -> "RolloutPublic":
+        """The rollout with each wave's counts and measured score (fleet.rollout_counts: a few GROUP BY queries)."""
+        from ..rollout_counts import COUNT_KEYS, by_wave, wave_scores
 
+        s.flush()
+        waves, scores = by_wave(s, r), wave_scores(s, r)
+        total = {k: sum(c[k] for c in waves.values()) for k in COUNT_KEYS}
         return cls(
             id=r.id, state=r.state, reason=r.reason,
             bundle={"name": r.deployment.bundle_name, "version": r.deployment.bundle_version},
             target={"query": r.query}, strategy=r.strategy, gate=r.gate, current_wave=r.current_wave,
             created_by=r.created_by, created_at=r.created_at, updated_at=r.updated_at,
             waves=[WavePublic(index=w.index, name=w.name, state=w.state, size=w.size, started_at=w.started_at,
-                              finished_at=w.finished_at, counts=counts(r, w.index), score=wave_score(r, w.index))
+                              finished_at=w.finished_at, counts=waves.get(w.index) or dict.fromkeys(COUNT_KEYS, 0),
+                              score=scores.get(w.index))
                    for w in r.waves],
-            counts=counts(r),
+            counts=total,
         )  # fmt: skip
 
 

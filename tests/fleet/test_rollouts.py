@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from fleet import crud, rollouts
+from fleet import crud, rollout_counts, rollouts
 from fleet.db import Database, open_database
 from fleet.errors import GateError, NotFoundError, RolloutStateError
 from fleet.models import DeploymentTarget, OutboxMessage, Rollout
@@ -76,6 +76,14 @@ class Fleet:
             rollouts.reconcile(s, rid, settings=self.settings, now=self.now)
         return self.show(rid)
 
+    def counts(self, rid: str, wave: int | None = None) -> dict[str, int]:
+        with self.db.sessions() as s:
+            return rollouts.counts(s, rollouts.get_rollout(s, rid), wave)
+
+    def score(self, rid: str, wave: int) -> dict | None:
+        with self.db.sessions() as s:
+            return rollout_counts.wave_scores(s, rollouts.get_rollout(s, rid)).get(wave)
+
     def show(self, rid: str) -> Rollout:
         with self.db.sessions() as s:
             r = rollouts.get_rollout(s, rid)
@@ -131,7 +139,7 @@ def test_canary_then_waves_until_every_device_updated(fleet: Fleet) -> None:
     assert r.current_wave == 2 and sorted(fleet.sent_to(rid)) == ids
     fleet.finish(rid, fleet.sent_to(rid)[5:])
     r = fleet.tick(rid)
-    assert r.state == "succeeded" and rollouts.counts(r)["succeeded"] == 10
+    assert r.state == "succeeded" and fleet.counts(rid)["succeeded"] == 10
     assert sorted(fleet.sent_to(rid)) == ids, "each device got exactly one command"
 
 
@@ -143,7 +151,7 @@ def test_a_failed_canary_aborts_before_anyone_else_hears_of_it(fleet: Fleet) -> 
     r = fleet.tick(rid)
     assert r.state == "aborted" and "canary: 1 of 1 devices failed" in r.reason
     assert fleet.sent_to(rid) == [canary], "no other device was sent the bundle"
-    assert rollouts.counts(r)["cancelled"] == 19 and r.waves[0].state == "failed"
+    assert fleet.counts(rid)["cancelled"] == 19 and r.waves[0].state == "failed"
     fleet.tick(rid, 3600)
     assert fleet.sent_to(rid) == [canary], "an aborted rollout stays stopped"
 
@@ -204,9 +212,9 @@ def test_a_device_past_its_timeout(fleet: Fleet, timeout_as: str, state: str, co
     a, b = fleet.sent_to(rid)
     fleet.report(rid, a, UpdateState.ACTIVE)
     r = fleet.tick(rid, 599)
-    assert r.state == "running" and rollouts.counts(r)["sent"] == 1
+    assert r.state == "running" and fleet.counts(rid)["sent"] == 1
     r = fleet.tick(rid, 2)
-    assert r.state == state and rollouts.counts(r)[counted] == (1 if timeout_as == "pending" else 0) + (
+    assert r.state == state and fleet.counts(rid)[counted] == (1 if timeout_as == "pending" else 0) + (
         1 if timeout_as == "failed" else 0)
 
 
@@ -258,7 +266,7 @@ def test_cancel_drops_the_rest_and_cancels_devices_not_yet_done(fleet: Fleet) ->
     with fleet.db.sessions() as s, s.begin():
         rollouts.cancel(s, rid, settings=fleet.settings, now=fleet.now)
     r = fleet.tick(rid, 3600)
-    assert r.state == "cancelled" and rollouts.counts(r)["cancelled"] == 3
+    assert r.state == "cancelled" and fleet.counts(rid)["cancelled"] == 3
     assert [c.device_id for c in fleet.commands(CancelCommand)] == [first[1]]
     assert fleet.sent_to(rid) == first
 
@@ -301,7 +309,7 @@ def test_a_download_only_rollout_asks_devices_to_fetch_without_installing(fleet:
     r = fleet.tick(rid, 61)  # the silent third device is asked again, still download-only
     again = [c for c in fleet.commands() if c.deployment_id == rid][3:]
     assert [(c.device_id, c.download_only) for c in again] == [(ids[2], True)]
-    assert rollouts.counts(r)["succeeded"] == 2
+    assert fleet.counts(rid)["succeeded"] == 2
     fleet.report(rid, ids[2], UpdateState.DOWNLOADED)
     assert fleet.tick(rid).state == "succeeded"
     install = fleet.start(canary=None, waves=[Step(percent=100)])
@@ -351,8 +359,8 @@ def test_a_wave_advances_only_on_scores_the_devices_measured(fleet: Fleet) -> No
         fleet.report(rid, d, UpdateState.ACTIVE, version=5, score=score)
     fleet.report(rid, sent[3], UpdateState.ACTIVE, version=5)  # no score: not proven
     r = fleet.tick(rid)
-    assert r.state == "running" and rollouts.counts(r)["succeeded"] == 3 and rollouts.counts(r)["failed"] == 1
-    score = rollouts.wave_score(r, 0)
+    assert r.state == "running" and fleet.counts(rid)["succeeded"] == 3 and fleet.counts(rid)["failed"] == 1
+    score = fleet.score(rid, 0)
     assert score is not None and score["n"] == 3 and score["min"] == 0.85
     fleet.report(rid, sent[3], UpdateState.ACTIVE, version=5, score=0.5)
     assert fleet.tick(rid).state == "running", "0.5 is below the gate: one failure of four stays under 30%"
@@ -380,7 +388,7 @@ def test_a_newer_rollout_supersedes_the_older_one(fleet: Fleet) -> None:
     old = fleet.start(canary=Step(count=1))
     new = fleet.start(version=3, canary=None)
     r = fleet.show(old)
-    assert r.state == "superseded" and rollouts.counts(r)["cancelled"] == 3
+    assert r.state == "superseded" and fleet.counts(old)["cancelled"] == 3
     fleet.tick(old, 3600)
     assert len(fleet.sent_to(old)) == 1 and len(fleet.sent_to(new)) == 4
 

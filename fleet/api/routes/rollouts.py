@@ -27,7 +27,7 @@ def create(body: RolloutCreate, s: SessionDep, fleet: FleetDep, caller: Operator
         auth.audit(s, actor=caller.name, action="rollout.created", target=f"rollout:{rollout.id}",
                    detail=f"{spec.bundle_name} v{spec.bundle_version} {spec.query} "
                           f"devices={len(rollout.deployment.targets)} waves={len(rollout.waves)}", now=now)
-        out = RolloutPublic.of(rollout)
+        out = RolloutPublic.of(s, rollout)
     fleet.commands_queued()
     return out
 
@@ -37,19 +37,19 @@ def list_rollouts(s: SessionDep, _caller: Reader, limit: int = 50, state: str | 
     q = select(Rollout).order_by(Rollout.created_at.desc()).limit(max(1, min(limit, 500)))
     if state is not None:
         q = q.where(Rollout.state == state)
-    return RolloutList(rollouts=[RolloutPublic.of(r) for r in s.scalars(q)])
+    return RolloutList(rollouts=[RolloutPublic.of(s, r) for r in s.scalars(q).all()])
 
 
 @router.get("/{rollout_id}", response_model=RolloutPublic)
 def show(rollout_id: str, s: SessionDep, _caller: Reader) -> RolloutPublic:
-    return RolloutPublic.of(rollouts.get_rollout(s, rollout_id))
+    return RolloutPublic.of(s, rollouts.get_rollout(s, rollout_id))
 
 
 @router.post("/{rollout_id}/pause", response_model=RolloutPublic)
 def pause(rollout_id: str, s: SessionDep, fleet: FleetDep, caller: Operator) -> RolloutPublic:
     now = datetime.now(timezone.utc)
     with s.begin():
-        out = RolloutPublic.of(rollouts.pause(s, rollout_id, now=now))
+        out = RolloutPublic.of(s, rollouts.pause(s, rollout_id, now=now))
         auth.audit(s, actor=caller.name, action="rollout.paused", target=f"rollout:{rollout_id}", now=now)
     return out
 
@@ -58,7 +58,7 @@ def pause(rollout_id: str, s: SessionDep, fleet: FleetDep, caller: Operator) -> 
 def resume(rollout_id: str, s: SessionDep, fleet: FleetDep, caller: Operator) -> RolloutPublic:
     now = datetime.now(timezone.utc)
     with s.begin():
-        out = RolloutPublic.of(rollouts.resume(s, rollout_id, settings=fleet.settings, now=now))
+        out = RolloutPublic.of(s, rollouts.resume(s, rollout_id, settings=fleet.settings, now=now))
         auth.audit(s, actor=caller.name, action="rollout.resumed", target=f"rollout:{rollout_id}", now=now)
     fleet.commands_queued()
     return out
@@ -70,7 +70,7 @@ def cancel(rollout_id: str, s: SessionDep, fleet: FleetDep, caller: Operator,
     now = datetime.now(timezone.utc)
     rollback = body.rollback if body is not None else False
     with s.begin():
-        out = RolloutPublic.of(rollouts.cancel(s, rollout_id, settings=fleet.settings, now=now, rollback=rollback))
+        out = RolloutPublic.of(s, rollouts.cancel(s, rollout_id, settings=fleet.settings, now=now, rollback=rollback))
         auth.audit(s, actor=caller.name, action="rollout.cancelled", target=f"rollout:{rollout_id}",
                    detail=f"rollback={rollback}", now=now)
     fleet.commands_queued()
