@@ -371,6 +371,20 @@ def desired_target(s: Session, *, device_id: str) -> DeploymentTarget | None:
     return s.scalar(q)
 
 
+def desired_targets(s: Session, *, device_ids: Sequence[str]) -> dict[str, DeploymentTarget]:
+    """`desired_target` of many devices: device id -> its newest released target (devices without one left out)."""
+    out: dict[str, DeploymentTarget] = {}
+    ids = sorted(set(device_ids))
+    for i in range(0, len(ids), 500):
+        newest = (select(func.max(DeploymentTarget.id))
+                  .where(DeploymentTarget.device_id.in_(ids[i:i + 500]), DeploymentTarget.released_at.is_not(None))
+                  .group_by(DeploymentTarget.device_id))
+        q = (select(DeploymentTarget).options(selectinload(DeploymentTarget.deployment))
+             .where(DeploymentTarget.id.in_(newest)))
+        out.update({t.device_id: t for t in s.scalars(q)})
+    return out
+
+
 def record_commands(s: Session, *, deployment_id: str, device_ids: Sequence[str], message_ids: Sequence[str],
                     now: datetime) -> list[int]:
     """Log commands about to be sent, one per device; their ids (the commands' fleet-wide `seq`s), in order."""

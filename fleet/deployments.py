@@ -28,7 +28,7 @@ from protocol.messages import BundleRef, CancelCommand, DeployCommand, UpdateSta
 
 from . import crud, outbox
 from .errors import DeviceRevokedError, NotFoundError
-from .models import Bundle, Deployment, Rollout
+from .models import Bundle, Deployment, DeploymentTarget, Rollout
 from .settings import Settings
 from .trust import trust_for
 
@@ -74,26 +74,40 @@ def plan_deployment(
 
 
 def commands_to_resend(s: Session, *, settings: Settings, device_id: str, now: datetime) -> list[DeployCommand]:
-    target = crud.desired_target(s, device_id=device_id)
-    if target is None or target.state in TERMINAL:
-        return []
-    deployment = target.deployment
-    device = crud.get_device(s, device_id=device_id)
-    if device is not None and device.revoked_at is not None:
-        return []  # revoked: it cannot read commands anyway, and must not be sent any
-    if device is not None and (device.active_name, device.active_version) == (
-        deployment.bundle_name,
-        deployment.bundle_version,
-    ):
-        return []
-    bundle = crud.get_bundle(s, name=deployment.bundle_name, version=deployment.bundle_version)
-    if bundle is None:
-        return []
-    target.asked_at, target.attempts = now, target.attempts + 1
-    rollout = s.get(Rollout, deployment.id)
-    download_only = bool(rollout is not None and rollout.strategy.get("download_only"))
-    return [deploy_command(s, settings=settings, deployment_id=deployment.id, bundle=bundle, device_id=device_id,
-                           now=now, download_only=download_only)]
+    return commands_to_resend_many(s, settings=settings, device_ids=[device_id], now=now)
+
+
+def commands_to_resend_many(s: Session, *, settings: Settings, device_ids: Sequence[str],
+                            now: datetime) -> list[DeployCommand]:
+    """`commands_to_resend` for many devices that came online at once (one ingest batch): a few queries for all of
+    them, and one INSERT for the commands of each deployment."""
+    wanted: dict[str, list[DeploymentTarget]] = {}
+    for target in crud.desired_targets(s, device_ids=device_ids).values():
+        if target.state in TERMINAL:
+            continue
+        device = crud.get_device(s, device_id=target.device_id)
+        deployment = target.deployment
+        if device is not None and device.revoked_at is not None:
+            continue  # revoked: it cannot read commands anyway, and must not be sent any
+        if device is not None and (device.active_name, device.active_version) == (
+            deployment.bundle_name,
+            deployment.bundle_version,
+        ):
+            continue
+        wanted.setdefault(deployment.id, []).append(target)
+    out: list[DeployCommand] = []
+    for deployment_id, targets in sorted(wanted.items()):
+        deployment = targets[0].deployment
+        bundle = crud.get_bundle(s, name=deployment.bundle_name, version=deployment.bundle_version)
+        if bundle is None:
+            continue
+        for target in targets:
+            target.asked_at, target.attempts = now, target.attempts + 1
+        rollout = s.get(Rollout, deployment_id)
+        download_only = bool(rollout is not None and rollout.strategy.get("download_only"))
+        out += deploy_commands(s, settings=settings, deployment_id=deployment_id, bundle=bundle,
+                               device_ids=[t.device_id for t in targets], now=now, download_only=download_only)
+    return out
 
 
 def deploy_command(

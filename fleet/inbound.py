@@ -37,8 +37,8 @@ from sqlalchemy.orm import Session, selectinload
 from protocol.messages import DeployCommand, Presence, StatusReport, Telemetry
 
 from . import crud, outbox
-from .deployments import commands_to_resend
-from .rollouts import adopt_device
+from .deployments import commands_to_resend_many
+from .rollouts import adopt_devices
 from .models import DeploymentTarget, Device, StatusReportRow, TelemetrySample
 from .settings import Settings
 
@@ -85,12 +85,19 @@ def store_message(s: Session, item: Item, settings: Settings) -> tuple[Outcome, 
 
 
 def came_online(s: Session, *, device_id: str, settings: Settings, now: datetime) -> list[DeployCommand]:
-    """Queue the device's unfinished command again and let it join a rollout it belongs to; the commands resent."""
-    resent = commands_to_resend(s, settings=settings, device_id=device_id, now=now)
-    for command in resent:
-        outbox.enqueue(s, command, now=now)
-    if (joined := adopt_device(s, device_id=device_id, settings=settings, now=now)) is not None:
-        log.info("device %s joins rollout %s", device_id, joined)
+    return came_online_many(s, device_ids=[device_id], settings=settings, now=now)
+
+
+def came_online_many(s: Session, *, device_ids: Sequence[str], settings: Settings, now: datetime) -> list[DeployCommand]:
+    """Queue each device's unfinished command again and let each join a rollout it belongs to (a few queries for
+    all of them); the commands resent."""
+    if not device_ids:
+        return []
+    s.flush()  # what this batch wrote so far (a report that finished a target) decides what is resent
+    resent = commands_to_resend_many(s, settings=settings, device_ids=device_ids, now=now)
+    outbox.enqueue_many(s, resent, now=now)
+    for device_id, rollout_id in adopt_devices(s, device_ids=device_ids, settings=settings, now=now).items():
+        log.info("device %s joins rollout %s", device_id, rollout_id)
     return resent
 
 
@@ -162,6 +169,7 @@ def _reports_and_presence(s: Session, items: list[Item], settings: Settings, out
     for chunk in _chunks(sorted({i.msg.device_id for i in items})):
         devices.update({d.id: d for d in s.scalars(select(Device).where(Device.id.in_(chunk)))})
     history: list[StatusReportRow] = []
+    online: list[tuple[str, datetime]] = []  # devices whose presence said online, and when
     for item in items:
         msg, now = item.msg, item.received_at
         device = devices[msg.device_id]
@@ -176,7 +184,8 @@ def _reports_and_presence(s: Session, items: list[Item], settings: Settings, out
             crud.apply_presence(device, msg=msg)
             out.stored += 1
             if msg.online:
-                s.flush()  # commands_to_resend reads what this batch wrote so far
-                out.commands += came_online(s, device_id=msg.device_id, settings=settings, now=now)
+                online.append((msg.device_id, now))
     s.add_all(history)
     s.flush()
+    if online:  # after every report of the batch: a device is asked again only for what is still unfinished
+        out.commands += came_online_many(s, device_ids=[d for d, _ in online], settings=settings, now=online[-1][1])

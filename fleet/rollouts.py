@@ -35,7 +35,7 @@ import functools
 import hashlib
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -397,26 +397,41 @@ def _roll_back(s: Session, rollout: Rollout, *, settings: Settings, now: datetim
 def adopt_device(s: Session, *, device_id: str, settings: Settings, now: datetime) -> str | None:
     """Give a device the newest running or succeeded rollout that targets it but does not list it yet (it joined
     the group, was tagged, or registered after the rollout began); returns that rollout's id."""
-    device = s.get(Device, device_id)
-    if device is None or device.revoked_at is not None:
-        return None
+    return adopt_devices(s, device_ids=[device_id], settings=settings, now=now).get(device_id)
+
+
+def adopt_devices(s: Session, *, device_ids: Sequence[str], settings: Settings, now: datetime) -> dict[str, str]:
+    """`adopt_device` for many devices at once (one ingest batch); device id -> the rollout it joined. Reads the
+    live rollouts' ids and queries once, the devices' groups and tags once, and each candidate rollout's existing
+    targets among those devices once: a presence never loads a big rollout's targets."""
     newest = s.execute(select(Rollout.id, Rollout.query).where(Rollout.state.in_((RUNNING, SUCCEEDED)))
                        .order_by(Rollout.created_at.desc()).limit(200)).all()
-    groups, tags = device.group_names, device.tag_map
-    for rid, query in newest:  # ids and queries only: this runs for every presence "online"
-        if not _query(query).matches(groups, tags):
+    if not newest:
+        return {}
+    devices = _chunked(s, select(Device).options(selectinload(Device.groups), selectinload(Device.tags)), Device.id,
+                       sorted(set(device_ids)))
+    candidates: dict[str, list[str]] = {}
+    for device in devices:
+        if device.revoked_at is not None:
             continue
-        listed = select(DeploymentTarget.id).where(DeploymentTarget.deployment_id == rid,
-                                                   DeploymentTarget.device_id == device_id)
-        if s.scalar(listed) is not None:  # one indexed lookup: a presence must not load a big rollout's targets
-            return None  # already part of the newest rollout that targets it
+        groups, tags = device.group_names, device.tag_map
+        first = next((rid for rid, query in newest if _query(query).matches(groups, tags)), None)
+        if first is not None:  # only the newest rollout that targets a device counts
+            candidates.setdefault(first, []).append(device.id)
+    joined: dict[str, str] = {}
+    for rid, ids in candidates.items():
+        listed = set(_chunked(s, select(DeploymentTarget.device_id).where(DeploymentTarget.deployment_id == rid),
+                              DeploymentTarget.device_id, ids))
+        new = [d for d in ids if d not in listed]
+        if not new:
+            continue
         rollout = s.get_one(Rollout, rid)
         last = len(rollout.waves) - 1
-        s.add(DeploymentTarget(deployment_id=rollout.id, device_id=device_id, state=PENDING, detail="joined late",
-                               last_seq=-1, created_at=now, updated_at=now, wave=last, attempts=0))
+        s.add_all(DeploymentTarget(deployment_id=rid, device_id=d, state=PENDING, detail="joined late", last_seq=-1,
+                                   created_at=now, updated_at=now, wave=last, attempts=0) for d in new)
         release(s, rollout, settings=settings, now=now)
-        return rollout.id
-    return None
+        joined.update(dict.fromkeys(new, rid))
+    return joined
 
 
 @functools.lru_cache(maxsize=1024)
