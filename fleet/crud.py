@@ -216,7 +216,12 @@ def record_status(s: Session, *, msg: StatusReport, now: datetime) -> StatusRepo
 
 def status_row(msg: StatusReport, *, now: datetime) -> StatusReportRow:
     """The history row of one report received at `now`."""
-    return StatusReportRow(
+    return StatusReportRow(**status_values(msg, now=now))
+
+
+def status_values(msg: StatusReport, *, now: datetime) -> dict[str, object]:
+    """The status_reports columns of one report received at `now` (for a bulk INSERT)."""
+    return dict(
         device_id=msg.device_id,
         deployment_id=msg.deployment_id,
         bundle_name=msg.bundle_name,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from protocol.messages import DeployCommand, Presence, StatusReport, Telemetry
@@ -168,7 +168,7 @@ def _reports_and_presence(s: Session, items: list[Item], settings: Settings, out
     devices: dict[str, Device] = {}
     for chunk in _chunks(sorted({i.msg.device_id for i in items})):
         devices.update({d.id: d for d in s.scalars(select(Device).where(Device.id.in_(chunk)))})
-    history: list[StatusReportRow] = []
+    history: list[dict[str, object]] = []
     online: list[tuple[str, datetime]] = []  # devices whose presence said online, and when
     for item in items:
         msg, now = item.msg, item.received_at
@@ -177,7 +177,7 @@ def _reports_and_presence(s: Session, items: list[Item], settings: Settings, out
             if msg.message_id in stored_before:
                 out.duplicates += 1
                 continue
-            history.append(crud.status_row(msg, now=now))
+            history.append(crud.status_values(msg, now=now))
             crud.apply_status(msg=msg, now=now, device=device, target=targets.get((msg.deployment_id, msg.device_id)))
             out.stored += 1
         elif isinstance(msg, Presence):
@@ -185,7 +185,8 @@ def _reports_and_presence(s: Session, items: list[Item], settings: Settings, out
             out.stored += 1
             if msg.online:
                 online.append((msg.device_id, now))
-    s.add_all(history)
     s.flush()
+    if history:  # one multi-row INSERT, not a unit-of-work object per report
+        s.execute(insert(StatusReportRow), history)
     if online:  # after every report of the batch: a device is asked again only for what is still unfinished
         out.commands += came_online_many(s, device_ids=[d for d, _ in online], settings=settings, now=online[-1][1])
