@@ -70,13 +70,14 @@ class SlowDevice:
 
 
 class FleetProcess:
-    def __init__(self, tmp: Path, broker_url: str, pub: Path) -> None:
+    def __init__(self, tmp: Path, broker_url: str, pub: Path, database_url: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ, SLMOPS_FLEET_ADMIN_TOKEN=ADMIN_TOKEN, SLMOPS_FLEET_BROKER_PASSWORD=BROKER_PASSWORD,
                         SLMOPS_FLEET_CLIENT_ID=f"slmops-fleet-restart-{self.port}", SLMOPS_FLEET_ROLLOUT_TICK_S="0.5")
         self.args = [sys.executable, "-m", "slmops.cli", "fleet", "serve", "--data-dir", str(tmp / "fleet"),
-                     "--port", str(self.port), "--broker-url", broker_url, "--trusted-key", str(pub)]
+                     "--port", str(self.port), "--broker-url", broker_url, "--trusted-key", str(pub),
+                     "--database-url", database_url]
         self.log = tmp / "fleet.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -100,7 +101,8 @@ class FleetProcess:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[tuple[FleetProcess, list[SlowDevice], Path]]:
+def world(tmp_path: Path, db_url: str) -> Iterator[tuple[FleetProcess, list[SlowDevice], Path]]:
+    """On SQLite and on PostgreSQL (`db_url`)."""
     key = generate_keypair()
     pub = tmp_path / "release.pub"
     pub.write_bytes(key.public.to_pem())
@@ -108,7 +110,7 @@ def world(tmp_path: Path) -> Iterator[tuple[FleetProcess, list[SlowDevice], Path
     model = make_model_dir(tmp_path / "model", eval_doc='{"dataset": "t", "metrics": {"accuracy": 0.9}}')
     build_bundle(model, bundle, name="tiny", version=1, signers=[key], now=datetime.now(timezone.utc))
     with embedded_broker() as broker:
-        fleet = FleetProcess(tmp_path, broker.url, pub)
+        fleet = FleetProcess(tmp_path, broker.url, pub, db_url)
         devices: list[SlowDevice] = []
         try:
             fleet.start()
