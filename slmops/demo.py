@@ -250,7 +250,7 @@ def demo(
         fleet.stop()
     verdict = "[green]PASS[/]" if ok else "[red]FAIL[/]"
     console.print(Panel.fit(f"{verdict}: v1 -> v2 in stages -> v3 caught by its canary, the other {len(devices) - 1} agents "
-                            "never saw it; v1's regression refused; every attack refused; "
+                            "never saw it; v1 again refused by the quality gate; every attack refused; "
                             f"{time.monotonic() - started:.0f}s in all. Work folder: {work}", border_style="green" if ok else "red"))
     raise typer.Exit(0 if ok else 1)
 
