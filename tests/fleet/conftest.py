@@ -18,6 +18,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from fleet.api.app import create_app
@@ -26,7 +27,7 @@ from fleet.bundles import build_bundle
 from fleet.settings import Settings
 from protocol import bundle as container
 from protocol.trust import PrivateKey, generate_keypair
-from tests.net import FLEET_PASSWORD, embedded_broker, login
+from tests.net import FLEET_PASSWORD, embedded_broker, free_port, login, wait_port
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 ADMIN_TOKEN = "slm_" + secrets.token_urlsafe(32)  # the bootstrap admin of every test fleet
@@ -226,3 +227,18 @@ def devices(broker: EmbeddedBroker) -> Iterator[Callable[..., Device]]:
     yield make
     for d in made:
         d.close()
+
+
+@pytest.fixture
+def live_fleet(settings: Settings) -> Iterator[str]:
+    """The fleet app served by uvicorn on a free loopback port; its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

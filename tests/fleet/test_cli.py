@@ -6,20 +6,15 @@ from __future__ import annotations
 import stat
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
-from fleet.api.app import create_app
 from fleet.cli import app, bundle_app
 from fleet.keys_cli import app as keys_app
-from fleet.settings import Settings
 from protocol.trust import PrivateKey, PublicKey
-from tests.net import free_port, wait_port
+from tests.net import free_port
 
 from .conftest import ADMIN, ADMIN_TOKEN
 
@@ -33,20 +28,6 @@ def keys(tmp_path: Path) -> Path:
         r = runner.invoke(keys_app, ["generate", "--out", str(out), "--name", name])
         assert r.exit_code == 0, r.output
     return out
-
-
-@pytest.fixture
-def live_fleet(settings: Settings) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_port(port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 def test_keys_generate_writes_a_private_pair_and_never_overwrites(keys: Path) -> None:

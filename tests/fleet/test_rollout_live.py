@@ -4,64 +4,29 @@ the waves to the end, and a canary that catches a bad bundle before the rest of 
 
 from __future__ import annotations
 
-import threading
-import uuid
-from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from collections.abc import Iterator
 
 import httpx
 import pytest
 from typer.testing import CliRunner
 
 from fleet.cli import app
-from protocol import topics
-from protocol.messages import DeployCommand, StatusReport, UpdateState, encode, parse_message
 
-from .conftest import ADMIN, ADMIN_TOKEN, Device
-from .test_cli import live_fleet  # noqa: F401  (fixture)
+from .answering import AnsweringDevice
+from .conftest import ADMIN, ADMIN_TOKEN
 
 runner = CliRunner()
 
 
-class AnsweringDevice:
-    """A device that answers each deploy command with received, then active, or rolled_back for a bad version;
-    it keeps the last seq it accepted and ignores a repeated one, as the agent's command gate does."""
-
-    def __init__(self, make: Callable[..., Device], device_id: str, bad_versions: set[int]) -> None:
-        self.device_id, self.bad = device_id, bad_versions
-        self.seq, self.updates, self.lock = 0, [], threading.Lock()
-        self.dev = make(f"slmops-agent-{device_id}")
-        self.dev.client.on_message = self._on_message
-        self.dev.subscribe(str(topics.cmd(device_id)))
-
-    def _on_message(self, _c: object, _u: object, msg: object) -> None:
-        cmd = parse_message(msg.payload)  # type: ignore[attr-defined]
-        if not isinstance(cmd, DeployCommand):
-            return
-        with self.lock:
-            if cmd.seq <= self.seq:
-                return
-            self.seq = cmd.seq
-            self.updates.append(cmd.deployment_id)
-        bad = cmd.bundle.version in self.bad
-        for state in (UpdateState.RECEIVED, UpdateState.ROLLED_BACK if bad else UpdateState.ACTIVE):
-            report = StatusReport(message_id=uuid.uuid4().hex, seq=len(self.updates) * 10 + (state is not UpdateState.RECEIVED),
-                                  sent_at=datetime.now(timezone.utc), device_id=self.device_id,
-                                  deployment_id=cmd.deployment_id, bundle_name=cmd.bundle.name,
-                                  bundle_version=cmd.bundle.version, state=state,
-                                  active_version=cmd.bundle.version if state is UpdateState.ACTIVE else None)
-            self.dev.client.publish(str(topics.status(self.device_id)), encode(report), qos=1)
-
-
 @pytest.fixture
-def fleet_with_devices(live_fleet: str, make_bundle, devices) -> Iterator[tuple[str, list[AnsweringDevice]]]:  # noqa: F811
+def fleet_with_devices(live_fleet: str, make_bundle, devices) -> Iterator[tuple[str, list[AnsweringDevice]]]:
     ids = [f"d{i}" for i in range(6)]
     for d in ids:
         assert httpx.post(f"{live_fleet}/api/v1/devices", json={"id": d, "groups": ["lab"]}, headers=ADMIN).status_code == 201
     for v in (1, 2):
         r = httpx.post(f"{live_fleet}/api/v1/bundles", content=make_bundle("tiny", v).read_bytes(), headers=ADMIN)
         assert r.status_code == 201, r.text
-    yield live_fleet, [AnsweringDevice(devices, d, bad_versions={2}) for d in ids]
+    yield live_fleet, [AnsweringDevice(devices(f"slmops-agent-{d}"), d, bad_versions=frozenset({2})) for d in ids]
 
 
 @pytest.mark.both_databases
@@ -105,7 +70,7 @@ def test_cli_refuses_malformed_options_before_calling_the_fleet() -> None:
         assert "cannot reach" not in r.output
 
 
-def test_tags_and_groups_from_the_command_line(live_fleet: str) -> None:  # noqa: F811
+def test_tags_and_groups_from_the_command_line(live_fleet: str) -> None:
     env = {"SLMOPS_FLEET_TOKEN": ADMIN_TOKEN, "COLUMNS": "220"}
     assert httpx.post(f"{live_fleet}/api/v1/devices", json={"id": "t1", "groups": ["lab", "edge"]}, headers=ADMIN).status_code == 201
     tagged = runner.invoke(app, ["tag", "t1", "site=berlin", "tier=a", "--url", live_fleet], env=env)

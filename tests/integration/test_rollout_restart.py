@@ -10,9 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,8 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from protocol import topics
-from protocol.messages import DeployCommand, StatusReport, UpdateState, encode, parse_message
+from tests.fleet.answering import AnsweringDevice
 from tests.fleet.conftest import ADMIN, ADMIN_TOKEN, BROKER_PASSWORD, Device, make_model_dir
 from tests.net import embedded_broker, free_port, wait_port
 
@@ -32,41 +29,6 @@ pytestmark = pytest.mark.integration
 
 N_DEVICES = 12
 ANSWER_AFTER_S = 0.4  # a device's update takes this long before it reports active
-
-
-class SlowDevice:
-    def __init__(self, port: int, device_id: str) -> None:
-        self.device_id, self.seq, self.lock = device_id, 0, threading.Lock()
-        self.updates: list[str] = []  # deployment ids it ran (a replayed seq is dropped, as the agent's gate does)
-        self.dev = Device(port, f"slmops-agent-{device_id}")
-        self.dev.client.on_message = self._on_message
-        self.dev.subscribe(str(topics.cmd(device_id)))
-        self.reports = 0
-
-    def _on_message(self, _c: object, _u: object, msg: object) -> None:
-        cmd = parse_message(msg.payload)  # type: ignore[attr-defined]
-        if not isinstance(cmd, DeployCommand):
-            return
-        with self.lock:
-            if cmd.seq <= self.seq:
-                return
-            self.seq = cmd.seq
-            if cmd.deployment_id in self.updates:  # asked again: answer with the outcome, as the agent does
-                self._report(cmd, UpdateState.ACTIVE)
-                return
-            self.updates.append(cmd.deployment_id)
-        self._report(cmd, UpdateState.RECEIVED)
-        threading.Timer(ANSWER_AFTER_S, self._report, (cmd, UpdateState.ACTIVE)).start()
-
-    def _report(self, cmd: DeployCommand, state: UpdateState) -> None:
-        with self.lock:
-            self.reports += 1
-            seq = self.reports
-        report = StatusReport(message_id=uuid.uuid4().hex, seq=seq, sent_at=datetime.now(timezone.utc),
-                              device_id=self.device_id, deployment_id=cmd.deployment_id, bundle_name=cmd.bundle.name,
-                              bundle_version=cmd.bundle.version, state=state,
-                              active_version=cmd.bundle.version if state is UpdateState.ACTIVE else None)
-        self.dev.client.publish(str(topics.status(self.device_id)), encode(report), qos=1)
 
 
 class FleetProcess:
@@ -101,7 +63,7 @@ class FleetProcess:
 
 
 @pytest.fixture
-def world(tmp_path: Path, db_url: str) -> Iterator[tuple[FleetProcess, list[SlowDevice], Path]]:
+def world(tmp_path: Path, db_url: str) -> Iterator[tuple[FleetProcess, list[AnsweringDevice], Path]]:
     """On SQLite and on PostgreSQL (`db_url`)."""
     key = generate_keypair()
     pub = tmp_path / "release.pub"
@@ -111,10 +73,11 @@ def world(tmp_path: Path, db_url: str) -> Iterator[tuple[FleetProcess, list[Slow
     build_bundle(model, bundle, name="tiny", version=1, signers=[key], now=datetime.now(timezone.utc))
     with embedded_broker() as broker:
         fleet = FleetProcess(tmp_path, broker.url, pub, db_url)
-        devices: list[SlowDevice] = []
+        devices: list[AnsweringDevice] = []
         try:
             fleet.start()
-            devices = [SlowDevice(broker.port, f"d{i:02d}") for i in range(N_DEVICES)]
+            devices = [AnsweringDevice(Device(broker.port, f"slmops-agent-d{i:02d}"), f"d{i:02d}", delay_s=ANSWER_AFTER_S)
+                       for i in range(N_DEVICES)]
             yield fleet, devices, bundle
         finally:
             fleet.stop()
