@@ -12,6 +12,7 @@ Parsers and the errors they may raise:
                        declared sizes, an accepted one wrote exactly the manifest's files
     chat               agent.openai ChatRequest/CompletionRequest.model_validate_json + refusal + guidance
                                                                                     ValidationError, RequestError
+    eval_set           protocol.evalset.parse_items(bytes), then is_right on each item  EvalSetError
 
 Inputs mix raw bytes, random JSON values, and valid documents built from the models with hypothesis strategies then
 mutated: a field replaced by a random JSON value, a huge int, NaN/inf, a long string or deep nesting (also written
@@ -38,7 +39,8 @@ from pydantic import ValidationError
 
 from agent.openai import NEUTRAL, ChatRequest, CompletionRequest, RequestError, guidance, refusal
 from protocol.bundle import check_headers, read_envelope, unpack, write_bundle
-from protocol.errors import LengthOrHashMismatchError, MessageError, SlmopsError, one_line
+from protocol.errors import EvalSetError, LengthOrHashMismatchError, MessageError, SlmopsError, one_line
+from protocol.evalset import is_right, parse_items
 from protocol.manifest import MAX_VERSION, NAME_RE, FileEntry, Manifest, SmokePrompt, canonical_bytes
 from protocol.manifest import HealthCheck as HealthCheck_
 from protocol.messages import (
@@ -479,6 +481,33 @@ def check_chat(body: bytes) -> None:
             pass
 
 
+EVAL_FIELDS = ("prompt", "messages", "expected", "match", "regex", "role", "content")
+eval_items = st.fixed_dictionaries(
+    {"expected": st.sampled_from(["ok", "warning", "fault"])},
+    optional={"match": st.just("exact") | st.just({"regex": "^(ok|warning|fault): "})},
+).flatmap(lambda d: st.one_of(
+    st.builds(lambda p: {**d, "prompt": p}, st.text(min_size=1, max_size=40)),
+    st.builds(lambda c: {**d, "messages": [{"role": "user", "content": c}]}, st.text(min_size=1, max_size=40)),
+))
+eval_sets = (st.lists(wire(eval_items, EVAL_FIELDS), max_size=6).map(b"\n".join)  # a bad line refuses the whole set
+             | st.lists(eval_items.map(dumps), min_size=1, max_size=6).map(b"\n".join))  # so valid ones too
+
+
+def check_eval_set(data: bytes) -> None:
+    """`protocol.evalset.parse_items` on a held-out set file: EvalSetError only; what it accepts can be asked and
+    scored (a regex rule on any answer, including one that makes a backtracking regex work hard, stays cheap)."""
+    try:
+        items = parse_items(data)
+    except EvalSetError:
+        return
+    assert 1 <= len(items) <= 200
+    for item in items:
+        assert item.chat() and item.chat()[-1]["role"] == "user"
+        rule = item.match or "exact"
+        for answer in ("", "ok: fine", item.expected, "x" * 2000):
+            assert isinstance(is_right(answer, item.expected, rule), bool)
+
+
 PARSERS: dict[str, tuple[st.SearchStrategy, Callable[[object], None]]] = {
     "messages": (wire(message_docs, MESSAGE_FIELDS), check_message),
     "envelope": (envelopes, check_envelope),
@@ -487,6 +516,7 @@ PARSERS: dict[str, tuple[st.SearchStrategy, Callable[[object], None]]] = {
     "bundle": (bundles, check_bundle),
     "root": (root_files, check_root),
     "chat": (wire(chat_docs, CHAT_FIELDS), check_chat),
+    "eval_set": (eval_sets, check_eval_set),
 }
 
 # ---- the short run (make test) --------------------------------------------------------------------------------
@@ -565,3 +595,9 @@ def test_root_parsers_raise_only_slmops_errors(data: bytes) -> None:
 @given(PARSERS["chat"][0])
 def test_chat_body_raises_only_validation_or_request_errors(body: bytes) -> None:
     check_chat(body)
+
+
+@CI
+@given(PARSERS["eval_set"][0])
+def test_held_out_sets_raise_only_eval_set_errors(data: bytes) -> None:
+    check_eval_set(data)
