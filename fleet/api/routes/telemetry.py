@@ -26,32 +26,12 @@ Until = Annotated[str | None, Query(max_length=telemetry.MAX_TIME_CHARS, descrip
 Step = Annotated[int, Query(description=f"bucket width in seconds, {telemetry.MIN_STEP_S} to {telemetry.MAX_STEP_S}")]
 
 
-class DevicePointPublic(BaseModel):
-    t: datetime
-    cpu_percent: float
-    memory_rss_mb: float
-    memory_percent: float
-    tokens_per_s: float
-    requests_total: int
-    tokens_generated_total: int
-
-
 class DeviceSeries(BaseModel):
     device_id: str
     step_s: int
     since: datetime
     until: datetime
-    points: list[DevicePointPublic]
-
-
-class GroupPointPublic(BaseModel):
-    t: datetime
-    devices: int
-    cpu_percent_mean: float
-    cpu_percent_max: float
-    memory_rss_mb_mean: float
-    tokens_per_s_mean: float
-    tokens_per_s_sum: float
+    points: list[telemetry.DevicePoint]  # the query's own records: one shape, in one place
 
 
 class GroupSeries(BaseModel):
@@ -60,7 +40,7 @@ class GroupSeries(BaseModel):
     devices: int  # members of the group now
     since: datetime
     until: datetime
-    points: list[GroupPointPublic]
+    points: list[telemetry.GroupPoint]
 
 
 @router.get("/devices/{device_id}/telemetry", response_model=DeviceSeries)
@@ -72,7 +52,7 @@ def device_telemetry(device_id: str, s: SessionDep, _caller: Reader, since: Sinc
         raise NotFoundError(f"device {device_id!r} is not registered; see GET /api/v1/devices for the known ones")
     points = telemetry.device_series(s, device_id=device_id, w=w)
     return DeviceSeries(device_id=device_id, step_s=w.step_s, since=w.since, until=w.until,
-                        points=[DevicePointPublic(**vars(p)) for p in points])  # fmt: skip
+                        points=points)  # fmt: skip
 
 
 @router.get("/groups/{group}/telemetry", response_model=GroupSeries)
@@ -88,4 +68,4 @@ def group_telemetry(group: str, s: SessionDep, _caller: Reader, since: Since = N
         raise NotFoundError(f"no device is in group {group!r}; register devices with that group first")
     points = telemetry.group_series(s, group=group, w=w)
     return GroupSeries(group=group, step_s=w.step_s, devices=members, since=w.since, until=w.until,
-                       points=[GroupPointPublic(**vars(p)) for p in points])  # fmt: skip
+                       points=points)  # fmt: skip
