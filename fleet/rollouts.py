@@ -198,9 +198,14 @@ def cancel(s: Session, rollout_id: str, *, settings: Settings, now: datetime, ro
 # ---- the reconciler's step ----------------------------------------------------------------------------------
 
 
-def reconcile(s: Session, rollout_id: str, *, settings: Settings, now: datetime) -> Rollout:
-    rollout = get_rollout(s, rollout_id, lock=True)
-    reconcile_rollout(s, rollout, settings=settings, now=now)
+def reconcile(s: Session, rollout_id: str, *, settings: Settings, now: datetime) -> Rollout | None:
+    """One reconciler step of one rollout; None if it is gone or (PostgreSQL) another replica holds it right now."""
+    q = select(Rollout).where(Rollout.id == rollout_id)
+    if s.get_bind().dialect.name == "postgresql":
+        q = q.with_for_update(skip_locked=True)  # one replica at a time; the others go on to the next rollout
+    rollout = s.scalar(q)
+    if rollout is not None:
+        reconcile_rollout(s, rollout, settings=settings, now=now)
     return rollout
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from fleet import crud, rollout_counts, rollouts
 from fleet.db import Database, open_database
@@ -418,3 +418,27 @@ def test_a_waiting_wave_is_not_the_desired_bundle_of_its_devices(fleet: Fleet) -
         others = [d for d in ("dev-000", "dev-001", "dev-002") if d != canary]
         assert all(crud.desired_target(s, device_id=d) is None for d in others)
         assert crud.desired_target(s, device_id=canary) is not None
+
+
+def test_a_rollout_another_replica_holds_is_skipped_not_waited_for(tmp_path: Path, postgres: str) -> None:
+    """On PostgreSQL the reconciler locks each rollout row with SKIP LOCKED: a second replica passes it by.
+    (SQLite has no row locks: it serialises writers.)"""
+    from tests.pg import fresh_database
+
+    url, drop = fresh_database(postgres)
+    db = open_database(url)
+    try:
+        fleet = Fleet(db, Settings(data_dir=tmp_path))
+        fleet.bundle(2, {"accuracy": 0.85})
+        fleet.devices(2)
+        rid = fleet.start(canary=None)
+        with fleet.db.sessions() as holder, holder.begin():
+            rollouts.get_rollout(holder, rid, lock=True)  # replica A is reconciling it
+            with fleet.db.sessions() as s, s.begin():
+                s.execute(text("SET LOCAL lock_timeout = '2s'"))  # waiting for the lock would fail, not hang
+                assert rollouts.reconcile(s, rid, settings=fleet.settings, now=fleet.now) is None
+        with fleet.db.sessions() as s, s.begin():
+            assert rollouts.reconcile(s, rid, settings=fleet.settings, now=fleet.now) is not None
+    finally:
+        db.close()
+        drop()
