@@ -41,6 +41,7 @@ from fleet.ingest import Item, no_ack, store_message
 from fleet.messaging import FleetMessaging
 from fleet.models import StatusReportRow, TelemetrySample
 from fleet.settings import Settings
+from mqttlink.buffered import BufferedClient
 from protocol import topics
 from protocol.messages import StatusReport, Telemetry, UpdateState, encode
 from slmops.story import free_port
@@ -181,11 +182,17 @@ def publish_from_devices(port: int, by_dev: dict[str, list], ready, go, finished
         c.loop_stop()
 
 
-def run_once(path: str, mode: str, msgs: list, args: argparse.Namespace, tmp: Path, broker: Broker | None) -> dict:
-    work = tmp / f"{path}-{mode}"
+def run_once(path: str, mode: str, msgs: list, args: argparse.Namespace, tmp: Path, broker: Broker | None,
+             reads: str = "buffered") -> dict:
+    """One run; `reads` "paho" makes the fleet's client read its socket the way paho does by itself (one small
+    recv() per packet part), "buffered" as shipped (mqttlink.buffered), to compare the two side by side."""
+    import mqttlink.client
+
+    mqttlink.client.BufferedClient = BufferedClient if reads == "buffered" else mqtt.Client  # type: ignore[misc]
+    work = tmp / f"{path}-{mode}-{reads}"
     scheme = "mqtt5" if broker is not None and broker.kind == "mosquitto" else "mqtt"
     settings = Settings(data_dir=work, broker_url=f"{scheme}://127.0.0.1:{broker.port if broker else 1}",
-                        client_id=f"slmops-fleet-bench-{path}-{mode}", broker_password="bench-" + "x" * 20)
+                        client_id=f"slmops-fleet-bench-{path}-{mode}-{reads}-{tmp.name}", broker_password="bench-" + "x" * 20)
     db = open_database(settings.database_url)
     fleet = FleetMessaging(settings, db.sessions)
     if path == "old":
@@ -215,7 +222,7 @@ def run_once(path: str, mode: str, msgs: list, args: argparse.Namespace, tmp: Pa
         got, seconds = wait_stored(db.sessions, len(msgs), t0, args.settle)
         finished.set()
         st = fleet.ingest_stats()
-        return {"path": path, "mode": mode, "sent": len(msgs), "stored": got, "lost": len(msgs) - got,
+        return {"path": path, "mode": mode, "reads": reads, "sent": len(msgs), "stored": got, "lost": len(msgs) - got,
                 "seconds": round(seconds, 3), "stored_per_s": round(got / seconds, 1) if seconds > 0 else None,
                 "batches": st.batches, "last_batch_size": st.last_batch_size, "dropped": st.dropped}
     finally:
@@ -226,6 +233,23 @@ def run_once(path: str, mode: str, msgs: list, args: argparse.Namespace, tmp: Pa
                 devices.terminate()
         fleet.stop() if mode != "direct" else fleet.writer.stop()
         db.close()
+        if mode != "direct" and broker is not None:
+            forget_session(broker.port, settings.client_id)
+
+
+def forget_session(port: int, client_id: str) -> None:
+    """End the run's persistent session at the broker, so it does not queue the next run's messages (which a later
+    run with the same client id would then receive at once, and which would cost the broker meanwhile)."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    c.username_pw_set("fleet", "bench-" + "x" * 20)
+    try:
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        time.sleep(0.3)
+        c.disconnect()
+        c.loop_stop()
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", default="old,new", help="which paths to run, comma-separated: old, new")
     p.add_argument("--status-every", type=int, default=5, help="every Nth message a status report; 0: telemetry only")
     p.add_argument("--settle", type=float, default=10.0, help="seconds without a new row before counting the rest lost")
+    p.add_argument("--reads", default="buffered", help="how the fleet's MQTT client reads, comma-separated: buffered "
+                   "(as shipped), paho (paho's own small reads); 'paho,buffered,paho,buffered' alternates them")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args(argv)
     msgs = payloads(args.n, args.devices, args.status_every)
@@ -246,10 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for mode in ("direct", "mqtt") if broker else ("direct",):
                 for path in [x for x in ("old", "new") if x in args.paths.split(",")]:
-                    r = run_once(path, mode, msgs, args, tmp, broker)
-                    results.append(r)
-                    print(f"{mode:6} {path}: {r['stored']}/{r['sent']} stored in {r['seconds']} s "
-                          f"= {r['stored_per_s']}/s, lost {r['lost']}, batches {r['batches']}", flush=True)
+                    for i, reads in enumerate(args.reads.split(",") if mode == "mqtt" else ["buffered"]):
+                        r = run_once(path, mode, msgs, args, tmp / str(i), broker, reads)
+                        results.append(r)
+                        print(f"{mode:6} {path} ({reads} reads): {r['stored']}/{r['sent']} stored in {r['seconds']} s "
+                              f"= {r['stored_per_s']}/s, lost {r['lost']}, batches {r['batches']}", flush=True)
         finally:
             if broker:
                 broker.stop()

@@ -17,6 +17,8 @@ from paho.mqtt.properties import Properties
 from protocol.errors import ConfigError, TopicError, clip, one_line
 from protocol.topics import BrokerAddress
 
+from .buffered import BufferedClient
+
 BAD_CREDENTIALS = 0x86  # CONNACK "Bad user name or password" (MQTT 3.1.1 code 4 as paho reports it)
 NOT_AUTHORIZED = 0x87  # CONNACK "Not authorized" (MQTT 3.1.1 code 5)
 MAX_RECEIVE_MAXIMUM = 65_535  # the largest Receive Maximum MQTT 5 can say (a two-byte integer)
@@ -73,7 +75,7 @@ class ClientOptions:
 def make_client(opts: ClientOptions) -> mqtt.Client:
     """A paho client for a persistent session with these options; the caller adds callbacks, then `connect`."""
     v5 = opts.address.protocol == 5
-    client = mqtt.Client(
+    client = BufferedClient(
         CallbackAPIVersion.VERSION2,
         client_id=opts.client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
