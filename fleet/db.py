@@ -10,6 +10,8 @@ start together on one database take turns). URLs: `sqlite:///path/fleet.db` (the
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,22 @@ def open_database(url: str, *, upgrade: bool = True) -> Database:
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    _wal(cur)
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _wal(cur: Any) -> None:
+    """Switch a new database to WAL. The switch needs the whole file: against another process's open write
+    transaction (a fleet starting beside one that is migrating) SQLite may answer "database is locked" at once
+    instead of waiting (each holds what the other needs), so try again, up to the busy timeout."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)

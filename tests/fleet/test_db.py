@@ -187,3 +187,29 @@ def test_concurrent_registrations_and_first_messages_never_fail(db_url: str) -> 
     assert len(created) == len(set(created))  # a registration says "created" for a device at most once (the first
     # message may have created it first)
     database.close()
+
+
+def test_a_fleet_opening_sqlite_while_another_process_writes_waits_instead_of_failing(tmp_path: Path) -> None:
+    """Switching a new file to WAL against another connection's open write transaction makes SQLite answer
+    "database is locked" at once, busy timeout or not (each side holds what the other needs); the fleet tries again
+    until the writer commits (seen in CI: fleet processes starting together while one migrates)."""
+    import sqlite3
+    import threading
+    import time
+
+    path = tmp_path / "fleet.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE other_process (x)")
+    done = threading.Timer(0.5, lambda: writer.execute("COMMIT"))
+    done.start()
+    started = time.monotonic()
+    db = open_database(f"sqlite:///{path}")
+    try:
+        assert time.monotonic() - started >= 0.4, "it waited for the other writer"
+        with db.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        done.join()
+        writer.close()
+        db.close()
