@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from fleet.settings import Settings
 from mqttlink.buffered import BufferedClient
 from protocol import topics
 from protocol.messages import StatusReport, Telemetry, UpdateState, encode
-from slmops.story import free_port
+from slmops.story import free_port, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
@@ -103,16 +102,6 @@ def wait_stored(sessions, n: int, t0: float, settle: float) -> tuple[int, float]
         if got >= n or time.monotonic() - last_at > settle:
             return got, last_at - t0
         time.sleep(0.05)
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"the broker does not listen on 127.0.0.1:{port} after {timeout}s")
 
 
 class Broker:

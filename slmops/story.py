@@ -40,6 +40,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    """Return once something listens on 127.0.0.1:`port`; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
 def damaged_copy(src: Path, dest: Path, *, seed: int = 0) -> Path:
     """Copy an exported model folder and overwrite its weights with random bytes of the same size.
 

@@ -12,16 +12,14 @@ import hashlib
 import hmac
 import secrets
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from fleet.acl import Principal
 from protocol.errors import TopicError
 from protocol.topics import check_device_id
-from slmops.story import free_port  # noqa: F401  (re-exported for the tests)
+from slmops.story import free_port, wait_port  # noqa: F401  (re-exported for the tests)
 
 FLEET_USER = "fleet"
 FLEET_PASSWORD = secrets.token_urlsafe(32)
@@ -77,16 +75,6 @@ def embedded_broker(port: int | None = None):  # -> fleet.broker.EmbeddedBroker 
     return EmbeddedBroker("127.0.0.1", port or free_port(), authenticator=TestAccounts())
 
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
 @contextlib.contextmanager

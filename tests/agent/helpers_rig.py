@@ -12,8 +12,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from protocol import topics
-from protocol.messages import BundleRef, DeployCommand, StatusReport, encode
+from protocol.messages import BundleRef, DeployCommand
 from tests.agent.test_updates import NOW, QuietHandler, Rig
 
 
@@ -51,18 +50,6 @@ class CountingRig(Rig):
         if signer == "kit":
             return self.kit.sign(cmd)
         return self.kit.sign(cmd, key=signer) if signer is not None else cmd
-
-    def send(self, cmd: DeployCommand, *, timeout: float = 120) -> list[StatusReport]:
-        """Publish a command and collect its reports until the terminal one."""
-        self.pub.publish(str(topics.cmd("dev-1")), encode(cmd), qos=1).wait_for_publish(5)
-        got: list[StatusReport] = []
-        while True:
-            r = self.reports.get(timeout=timeout)
-            if r.deployment_id != cmd.deployment_id:
-                continue
-            got.append(r)
-            if r.state.terminal:
-                return got
 
     def silence(self, seconds: float = 1.5) -> bool:
         """True when no report arrives for `seconds`."""

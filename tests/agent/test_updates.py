@@ -106,6 +106,10 @@ class Rig:
         )
         cmd = self.kit.sign(DeployCommand(deployment_id=f"dep-{self.n}", device_id="dev-1", bundle=ref, seq=self.n,
                                           sent_at=NOW))
+        return self.send(cmd, timeout=timeout)
+
+    def send(self, cmd: DeployCommand, *, timeout: float = 120) -> list[StatusReport]:
+        """Publish a command and collect its reports until the terminal one."""
         self.pub.publish(str(topics.cmd("dev-1")), encode(cmd), qos=1).wait_for_publish(5)
         got: list[StatusReport] = []
         while True:
