@@ -15,7 +15,7 @@ import typer
 
 # name -> (module, attribute holding a typer.Typer, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("trainer.cli", "app", "Build the tiny reference model, export to onnxruntime-genai int4, evaluate."),
+    "train": ("trainer.cli", "app", "Fine-tune, distil, export and evaluate models; run a recipe to a signed bundle."),
     "keys": ("fleet.keys_cli", "app", "Trust root and Ed25519 keys: init, rotate, revoke, show, generate."),
     "bundle": ("fleet.cli", "bundle_app", "Build, sign, verify and inspect model bundles."),
     "ca": ("fleet.ca_cli", "app", "The project CA: TLS certificates for the broker, the fleet and each device."),
@@ -37,6 +37,8 @@ def build_app(argv: list[str]) -> typer.Typer:
     for name, (module, attr, help_) in COMMANDS.items():
         if name == wanted:
             sub = getattr(importlib.import_module(module), attr)
+            if name == "train":  # the recipe runner needs the fleet's bundle builder: wired here, not in trainer/
+                sub.command("pipeline")(importlib.import_module("slmops.pipeline").pipeline)
         else:
             sub = typer.Typer(help=help_)
             sub.callback(invoke_without_command=True)(lambda: None)

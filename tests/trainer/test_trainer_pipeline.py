@@ -1,0 +1,160 @@
+"""`slmops train pipeline`: the recipe file (refusals one row per case), step reuse and the same bytes again."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fleet.bundles import verify_bundle
+from protocol.errors import ConfigError
+from protocol.trust import Keyring, PrivateKey, generate_keypair
+from slmops.pipeline import run_file
+from trainer.pipeline import TIMING_RE, load_config
+
+GOOD = """
+work_dir = "work"
+[base]
+tiny = {steps = 4}
+[eval]
+limit = 6
+[bundle]
+name = "triage"
+version = 3
+out = "dist/triage.bundle"
+keys = ["k.pem"]
+created = 2026-11-01T00:00:00Z
+"""
+
+REFUSED = {
+    "unknown table": (GOOD + "[extra]\nx = 1\n", ".toml", "extra"),
+    "unknown key": (GOOD.replace("limit = 6", "limit = 6\nlimt = 7"), ".toml", "limt"),
+    "two bases": (GOOD.replace("tiny = {steps = 4}", 'tiny = {steps = 4}\npath = "/x"'), ".toml", "exactly one"),
+    "no base": (GOOD.replace("[base]\ntiny = {steps = 4}\n", ""), ".toml", "base"),
+    "bad bundle name": (GOOD.replace('name = "triage"', 'name = "../etc"'), ".toml", "name"),
+    "version zero": (GOOD.replace("version = 3", "version = 0"), ".toml", "version"),
+    "negative steps": (GOOD.replace("steps = 4", "steps = -1"), ".toml", "steps"),
+    "unknown precision": (GOOD + '[export]\nprecision = "int3"\n', ".toml", "precision"),
+    "upload to a non-http url": (GOOD + '[upload]\nurl = "file:///etc/passwd"\n', ".toml", "url"),
+    "token env with a space": (GOOD + '[upload]\nurl = "http://f:1"\ntoken_env = "A B"\n', ".toml", "token_env"),
+    "broken toml": ("[base\n", ".toml", "not valid TOML"),
+    "broken yaml": ("base: [\n", ".yaml", "not valid YAML"),
+    "yaml list at the top": ("- 1\n", ".yaml", "top level"),
+    "unknown suffix": (GOOD, ".ini", ".toml, .yaml or .yml"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_bad_recipe_is_refused_and_nothing_is_built(tmp_path: Path, case: str) -> None:
+    text, suffix, needle = REFUSED[case]
+    path = tmp_path / f"recipe{suffix}"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        run_file(path, progress=False)
+    assert needle.lower() in str(err.value).lower(), str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no work folder, no bundle
+
+
+def test_yaml_and_toml_say_the_same_and_paths_are_taken_from_the_file(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    toml = tmp_path / "sub" / "r.toml"
+    toml.write_text(GOOD)
+    yaml = tmp_path / "sub" / "r.yml"
+    yaml.write_text("work_dir: work\nbase: {tiny: {steps: 4}}\neval: {limit: 6}\n"
+                    "bundle: {name: triage, version: 3, out: dist/triage.bundle, keys: [k.pem], "
+                    "created: 2026-11-01T00:00:00Z}\n")
+    a, b = load_config(toml), load_config(yaml)
+    assert a == b
+    assert a.work_dir == tmp_path / "sub" / "work" and a.bundle.keys == (tmp_path / "sub" / "k.pem",)
+
+
+def _recipe(folder: Path, key: PrivateKey) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "k.pem").write_bytes(key.to_pem())
+    (folder / "recipe.toml").write_text(GOOD)
+    return folder / "recipe.toml"
+
+
+@pytest.mark.slow
+def test_a_recipe_ends_in_a_signed_bundle_and_the_same_inputs_give_the_same_bytes(tmp_path: Path) -> None:
+    key = generate_keypair()
+    first = run_file(_recipe(tmp_path / "a", key), progress=False)
+    assert [s.name for s in first.steps] == ["base", "export", "eval", "packed"]
+    assert not any(s.reused for s in first.steps)
+    ring = Keyring((key.public,), threshold=1)
+    manifest = verify_bundle(first.bundle, ring, now=first_created())
+    assert manifest.name == "triage" and manifest.version == 3
+    assert set(manifest.eval.metrics) == set(first.manifest_metrics)
+    assert "label_accuracy" in manifest.eval.metrics and "tokens_per_s" in first.metrics
+    assert not any(TIMING_RE.fullmatch(m) for m in manifest.eval.metrics)  # measured speeds stay in the report
+    assert manifest.eval.heldout is not None
+    report = json.loads((tmp_path / "a" / "work" / "report.json").read_text())
+    assert report["sha256"] == first.sha256 and report["reproducible"] is True
+
+    again = run_file(tmp_path / "a" / "recipe.toml", progress=False)  # everything reused, same file
+    assert all(s.reused for s in again.steps) and again.sha256 == first.sha256
+
+    elsewhere = run_file(_recipe(tmp_path / "b", key), progress=False)  # a fresh work folder: built again
+    assert not any(s.reused for s in elsewhere.steps)
+    assert elsewhere.sha256 == first.sha256
+    assert (tmp_path / "b" / "dist" / "triage.bundle").read_bytes() == first.bundle.read_bytes()
+
+
+def first_created():
+    from datetime import datetime, timezone
+
+    return datetime(2026, 11, 2, tzinfo=timezone.utc)
+
+
+def test_a_changed_setting_rebuilds_only_the_steps_after_it(tmp_path: Path, tiny_hf: Path) -> None:
+    key = generate_keypair()
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "k.pem").write_bytes(key.to_pem())
+    recipe = folder / "recipe.toml"
+    recipe.write_text(GOOD.replace("tiny = {steps = 4}", f'path = "{tiny_hf}"'))
+    first = run_file(recipe, progress=False)
+    assert [s.name for s in first.steps] == ["export", "eval", "packed"]
+    recipe.write_text(recipe.read_text().replace("limit = 6", "limit = 8"))
+    second = run_file(recipe, progress=False)
+    assert [s.reused for s in second.steps] == [True, False, False]
+    assert second.metrics["samples"] == 8.0 and first.metrics["samples"] == 6.0
+    recipe.write_text(recipe.read_text().replace("version = 3", "version = 4"))
+    third = run_file(recipe, progress=False)  # only the bundle changes
+    assert all(s.reused for s in third.steps) and third.sha256 != second.sha256
+
+
+def test_without_a_creation_time_the_run_says_it_is_not_reproducible(tmp_path: Path, tiny_hf: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    folder = tmp_path / "r"
+    folder.mkdir()
+    recipe = folder / "recipe.toml"
+    recipe.write_text(GOOD.replace("tiny = {steps = 4}", f'path = "{tiny_hf}"').replace(
+        "created = 2026-11-01T00:00:00Z\n", "").replace('keys = ["k.pem"]\n', ""))
+    assert run_file(recipe, progress=False).reproducible is False
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1790000000")
+    result = run_file(recipe, progress=False)
+    assert result.reproducible is True
+
+
+def test_the_cli_runs_a_recipe_and_fails_with_one_line(tmp_path: Path, tiny_hf: Path) -> None:
+    from slmops.cli import build_app
+
+    key = generate_keypair()
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "k.pem").write_bytes(key.to_pem())
+    recipe = folder / "recipe.toml"
+    recipe.write_text(GOOD.replace("tiny = {steps = 4}", f'path = "{tiny_hf}"'))
+    args = ["train", "pipeline", str(recipe)]
+    done = CliRunner().invoke(build_app(args), args)
+    assert done.exit_code == 0, done.output
+    assert "triage.bundle" in done.output and (folder / "dist" / "triage.bundle").is_file()
+    recipe.write_text("[base\n")
+    done = CliRunner().invoke(build_app(args), args)
+    assert done.exit_code == 2 and "not valid TOML" in done.output
+    assert os.path.exists(folder / "dist" / "triage.bundle")  # the earlier bundle is untouched
