@@ -50,6 +50,10 @@ MODEL_SHAPE = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 512,
 }
+# The reference distillation pair: the teacher has about 5.3 times the parameters of the tiny model (the student).
+TEACHER_SHAPE = {**MODEL_SHAPE, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6,
+                 "num_attention_heads": 8, "num_key_value_heads": 4}
+SHAPES = {"tiny": MODEL_SHAPE, "teacher": TEACHER_SHAPE}
 TASK_BATCH, LM_BATCH, LM_BLOCK = 24, 8, 64  # rows per step, rows per step, tokens per corpus row
 LM_WEIGHT = 0.5
 PEAK_LR, WARMUP = 3e-3, 0.05  # learning rate, share of steps spent warming up
@@ -142,8 +146,8 @@ def _lr_at(step: int, steps: int) -> float:
     return PEAK_LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_model(tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
-    """A freshly initialised tiny Qwen2 sized for `tokenizer`."""
+def make_model(tokenizer: PreTrainedTokenizerFast, shape: str = "tiny") -> Qwen2ForCausalLM:
+    """A freshly initialised Qwen2 of `shape` ("tiny" or "teacher") sized for `tokenizer`."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     eos_id, pad_id = tokenizer.convert_tokens_to_ids([IM_END, EOT])
@@ -152,7 +156,7 @@ def make_model(tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
         tie_word_embeddings=True,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        **MODEL_SHAPE,
+        **SHAPES[shape],
     )
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False)
@@ -168,22 +172,26 @@ def _train(
     pad_id: int,
     rng: random.Random,
     progress: bool,
+    name: str = "tiny model",
 ) -> None:
-    """AdamW over `steps` batches: task rows (answer tokens only) plus corpus blocks weighted by LM_WEIGHT."""
+    """AdamW over `steps` batches: task rows (answer tokens only, when there are any) plus corpus blocks weighted by
+    LM_WEIGHT."""
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, weight_decay=0.01, betas=(0.9, 0.95))
     counter = TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}")
-    columns = (TextColumn("tiny model"), BarColumn(), counter, TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (TextColumn(name), BarColumn(), counter, TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress) as bar:
         task_id = bar.add_task("train", total=steps, loss="-")
         for step in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, steps)
-            ids, mask, labels = _batch(rng.sample(examples, TASK_BATCH), pad_id)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = torch.zeros(())
+            if examples:
+                ids, mask, labels = _batch(rng.sample(examples, TASK_BATCH), pad_id)
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             ids, mask, labels = _batch(rng.sample(blocks, LM_BATCH), pad_id)
             loss = loss + LM_WEIGHT * model(input_ids=ids, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
@@ -194,8 +202,13 @@ def _train(
     model.eval()
 
 
-def build_tiny(out_dir: Path | str, *, steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True) -> Path:
-    """Train the tiny triage model and save it (model and tokenizer) as a Hugging Face folder in `out_dir`."""
+def build_tiny(out_dir: Path | str, *, steps: int = DEFAULT_STEPS, seed: int = 0, progress: bool = True,
+               shape: str = "tiny", task: bool = True) -> Path:
+    """Train the tiny triage model and save it (model and tokenizer) as a Hugging Face folder in `out_dir`.
+
+    `shape` "teacher" gives the reference teacher (about 5.3x the parameters). `task=False` trains on the corpus
+    only and never sees a labelled answer: the base a distilled student starts from. The tokenizer is the same in
+    every case (trained on the same text), so teacher and student share it and logits can be distilled."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -206,13 +219,16 @@ def build_tiny(out_dir: Path | str, *, steps: int = DEFAULT_STEPS, seed: int = 0
     paragraphs = _corpus_paragraphs()
     tokenizer = train_tokenizer(paragraphs + [f"{r['prompt']}\n{r['answer']}" for r in train_rows])
     pad_id = tokenizer.convert_tokens_to_ids(EOT)
-    examples = _task_examples(tokenizer, train_rows)
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(SHAPES)}")
+    examples = _task_examples(tokenizer, train_rows) if task else []
     blocks = [(block, 0) for block in _lm_blocks(tokenizer, paragraphs)]
-    model = make_model(tokenizer)
+    model = make_model(tokenizer, shape)
     threads = torch.get_num_threads()
     torch.set_num_threads(TRAIN_THREADS)
     try:
-        _train(model, examples, blocks, steps=steps, pad_id=pad_id, rng=random.Random(seed), progress=progress)
+        _train(model, examples, blocks, steps=steps, pad_id=pad_id, rng=random.Random(seed), progress=progress,
+               name=f"{shape} model" + ("" if task else " (corpus only)"))
     finally:
         torch.set_num_threads(threads)
 

@@ -58,3 +58,34 @@ def test_greedy_answers_follow_the_format(tiny_hf: Path, tokenizer) -> None:
         out = model.generate(ids, max_new_tokens=24, do_sample=False)
         answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         assert ANSWER_RE.match(answer), answer
+
+
+def test_teacher_and_corpus_only_student_share_the_tokenizer_and_the_student_has_under_a_quarter(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from trainer.tiny import build_tiny
+
+    teacher = build_tiny(tmp_path / "teacher", steps=1, shape="teacher", progress=False)
+    student = build_tiny(tmp_path / "student", steps=1, task=False, progress=False)
+    assert (teacher / "tokenizer.json").read_bytes() == (student / "tokenizer.json").read_bytes()
+    sizes = [sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(d).parameters()) for d in (teacher, student)]
+    assert sizes[1] <= sizes[0] / 4, sizes
+    with pytest.raises(ValueError, match="shape"):
+        build_tiny(tmp_path / "other", steps=1, shape="huge", progress=False)
+    assert not (tmp_path / "other").exists()
+
+
+def test_corpus_only_training_never_sees_a_labelled_answer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import trainer.tiny as tiny
+
+    seen: list[int] = []
+    real = tiny._train
+
+    def spy(model, examples, blocks, **kw):
+        seen.append(len(examples))
+        return real(model, examples, blocks, **kw)
+
+    monkeypatch.setattr(tiny, "_train", spy)
+    tiny.build_tiny(tmp_path / "a", steps=1, task=False, progress=False)
+    tiny.build_tiny(tmp_path / "b", steps=1, progress=False)
+    assert seen == [0, 3000]
