@@ -1,7 +1,8 @@
 """`slmops demo`: the whole story on one machine, printed as a report.
 
-Build the tiny reference model twice (v1 short training, v2 longer), export both to onnxruntime-genai int4 and
-evaluate them, sign bundles v1, v2 and a deliberately broken v3 (v2 with damaged weights), start the fleet with
+Build bundles v1 and v2 with `slmops train pipeline` (one recipe each: the tiny reference model trained briefly,
+then longer; exported to onnxruntime-genai int4; evaluated; signed), and a deliberately broken v3 (v2 with damaged
+weights), start the fleet with
 its embedded MQTT broker and three agents, deploy v1 to group `demo`, then roll v2 out in stages behind a quality
 gate (a canary first; each device scores the bundle's own held-out set in its health check and the next wave opens
 only on those scores), show the gate refusing v1 again (a regression), and roll v3 out the same way: its canary
@@ -9,7 +10,7 @@ fails the health check and rolls back, the rollout aborts, and the other devices
 a question through its local API after each step; v2 must still answer at the end.
 Authentication is on throughout: a trust root signs bundles (2 of 3 keys) and commands, every agent enrols with a
 one-time token for its own broker account and API token; at the end a set of attacks (`slmops.probes`) must each be
-refused. Models are cached in the work folder, so a second run skips training. Exit code 0 only if every check holds.
+refused. The pipeline reuses finished steps in the work folder, so a second run skips training. Exit code 0 only if every check holds.
 """
 
 from __future__ import annotations
@@ -51,52 +52,63 @@ class Rollout:
     staged: dict | None = None  # the rollout record (waves, state, reason) of a staged rollout
 
 
-def _build_models(work: Path, steps_v1: int, steps_v2: int, fresh: bool) -> list[Built]:
-    from slmops.story import damaged_copy
-    from trainer.evaluate import write_eval
-    from trainer.export import export
-    from trainer.tiny import build_tiny
+def _recipe(work: Path, version: int, steps: int, keys: list[Path], created: datetime) -> Path:
+    """The pipeline recipe of one demo version: the tiny model trained `steps` steps, int4, evaluated, signed."""
+    path = work / "recipes" / f"{NAME}-v{version}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key_list = ", ".join(f'"{k}"' for k in keys)
+    path.write_text(f"""# slmops train pipeline {path.name}: what `slmops demo` builds v{version} with
+work_dir = "{work / 'models'}"
 
-    models = work / "models"
-    if fresh:
-        shutil.rmtree(models, ignore_errors=True)
-    built = []
-    for version, steps in ((1, steps_v1), (2, steps_v2)):
-        hf, onnx = models / f"v{version}-hf-{steps}", models / f"v{version}-int4-{steps}"
-        if not (onnx / "eval.json").exists() or "heldout" not in (onnx / "eval.json").read_text():
-            console.print(f"  training v{version}: tiny Qwen2 from scratch, {steps} steps")
-            shutil.rmtree(hf, ignore_errors=True)
-            build_tiny(hf, steps=steps, seed=0, progress=True)
-            console.print(f"  exporting v{version} to onnxruntime-genai int4 and evaluating it")
-            shutil.rmtree(onnx, ignore_errors=True)
-            export(hf, onnx, precision="int4")
-            write_eval(onnx)
-        else:
-            console.print(f"  v{version}: reusing {onnx}")
-        built.append(Built(version, onnx, f"{steps} training steps"))
-    broken = damaged_copy(built[1].folder, models / "v3-int4-damaged")
-    built.append(Built(3, broken, "v2 with weights damaged after its evaluation"))
-    for b in built:
-        b.metrics = json.loads((b.folder / "eval.json").read_text()).get("metrics", {})
-    return built
+[base]
+tiny = {{steps = {steps}, seed = 0}}
+
+[export]
+precision = "int4"
+
+[bundle]
+name = "{NAME}"
+version = {version}
+out = "{work / 'bundles' / f'{NAME}-v{version}.bundle'}"
+keys = [{key_list}]
+created = {created.strftime('%Y-%m-%dT%H:%M:%SZ')}
+expires_days = 30
+base_model = "slmops tiny Qwen2 (reference)"
+description = "{steps} training steps"
+""", encoding="utf-8")
+    return path
 
 
-def _sign(work: Path, built: list[Built]) -> tuple[Path, list[str]]:
-    """`slmops keys init --bundle-keys 3 --bundle-threshold 2` into work/keys, then every bundle signed by 2 of the
-    3 bundle keys (what the devices' trust root asks for)."""
+def _build_models(work: Path, steps_v1: int, steps_v2: int, fresh: bool) -> tuple[Path, list[str], list[Built]]:
+    """`slmops keys init --bundle-keys 3 --bundle-threshold 2` into work/keys, then `slmops train pipeline` for v1
+    and v2 (every bundle signed by 2 of the 3 bundle keys, what the devices' trust root asks for), then v3: v2's
+    folder with its weights damaged after the evaluation, packed and signed the same way."""
     from fleet.bundles import build_bundle
     from fleet.trust import init_trust
     from protocol.trust import PrivateKey
+    from slmops.pipeline import run_file
+    from slmops.story import damaged_copy
 
     keys = work / "keys"
-    now = datetime.now(timezone.utc)
+    now = datetime.now(timezone.utc).replace(microsecond=0)
     init_trust(keys, now=now, bundle_keys=3, bundle_threshold=2, expires_in_days=30)
-    signers = [PrivateKey.from_pem(p.read_bytes()) for p in sorted(keys.glob("bundles-*.key"))][:2]
-    for b in built:
-        b.bundle = work / "bundles" / f"{NAME}-v{b.version}.bundle"
-        build_bundle(b.folder, b.bundle, name=NAME, version=b.version, signers=signers, now=now,
-                     base_model="slmops tiny Qwen2 (reference)", expires=now + timedelta(days=30), description=b.note)
-    return keys, [k.keyid for k in signers]
+    signing = sorted(keys.glob("bundles-*.key"))[:2]
+    if fresh:
+        shutil.rmtree(work / "models", ignore_errors=True)
+    built = []
+    for version, steps in ((1, steps_v1), (2, steps_v2)):
+        console.print(f"  [bold]slmops train pipeline[/] recipes/{NAME}-v{version}.toml: tiny Qwen2, {steps} steps")
+        result = run_file(_recipe(work, version, steps, signing, now), progress=True,
+                          log=lambda line: console.print(f"    {line}"))
+        built.append(Built(version, result.steps[-1].output, f"{steps} training steps", result.metrics, result.bundle))
+    broken = damaged_copy(built[1].folder, work / "models" / "v3-int4-damaged")
+    v3 = Built(3, broken, "v2 with weights damaged after its evaluation", built[1].metrics,
+               work / "bundles" / f"{NAME}-v3.bundle")
+    signers = [PrivateKey.from_pem(p.read_bytes()) for p in signing]
+    build_bundle(v3.folder, v3.bundle, name=NAME, version=3, signers=signers, now=now,
+                 base_model="slmops tiny Qwen2 (reference)", expires=now + timedelta(days=30), description=v3.note)
+    built.append(v3)
+    return keys, [k.keyid for k in signers], built
 
 
 STYLE = {"active": ("green", "✓ active"), "rolled_back": ("yellow", "↩ rolled back"), "rejected": ("red", "✗ rejected"),
@@ -160,7 +172,7 @@ def demo(
 
     started = time.monotonic()
     work = workdir.resolve()
-    for sub in ("fleet", "agents", "logs", "bundles", "keys"):
+    for sub in ("fleet", "agents", "logs", "bundles", "keys", "recipes"):
         shutil.rmtree(work / sub, ignore_errors=True)
     (work / "logs").mkdir(parents=True)
     logging.basicConfig(filename=work / "logs" / "fleet.log", level=logging.INFO,  # the fleet's log, off the report
@@ -168,8 +180,8 @@ def demo(
     console.print(Panel.fit("[bold]slmops demo[/]: tiny model -> signed int4 bundle -> MQTT rollout -> "
                             "agents verify, serve, report, roll back", border_style="cyan"))
 
-    console.rule("[bold]1. Build, export to int4, evaluate")
-    built = _build_models(work, steps_v1, steps_v2, fresh)
+    console.rule("[bold]1. Build, export to int4, evaluate and sign: one pipeline recipe per version")
+    trust, keyids, built = _build_models(work, steps_v1, steps_v2, fresh)
     t = Table(title="models, scored on the held-out test split of the triage task (v3 carries v2's scores)",
               title_justify="left")
     for col in ("version", "what", "label accuracy", "format ok", "exact match", "tokens/s"):
@@ -180,8 +192,7 @@ def demo(
                   f"{m.get('exact_match', 0):.1%}", f"{m.get('tokens_per_s', 0):.0f}")
     console.print(t)
 
-    console.rule("[bold]2. Sign bundles")
-    trust, keyids = _sign(work, built)
+    console.rule("[bold]2. Signed bundles")
     console.print(f"  trust root {trust / 'root.json'}: bundles need 2 of 3 keys; commands signed by the fleet's key")
     for b in built:
         console.print(f"  {b.bundle.name}: {b.bundle.stat().st_size / 1e6:.2f} MB, Ed25519 keys "
