@@ -58,7 +58,8 @@ def olive_command(base: Path, data: Path, out: Path, cfg: Any, steps: int, targe
            "--max_seq_len", str(t.max_tokens), "--log_level", "1", "--disable_telemetry"]
     cmd += ["--max_steps", str(steps), "--per_device_train_batch_size", str(t.batch_size),
             "--gradient_accumulation_steps", str(t.grad_accum), "--learning_rate", str(t.lr),
-            "--warmup_ratio", str(t.warmup), "--weight_decay", str(t.weight_decay), "--lr_scheduler_type", "cosine",
+            "--warmup_steps", str(int(steps * t.warmup)), "--weight_decay", str(t.weight_decay),
+            "--lr_scheduler_type", "cosine",
             "--max_grad_norm", "1.0", "--seed", str(t.seed), "--logging_steps", str(max(1, steps // 10)),
             "--save_strategy", "no", "--report_to", "none"]
     if device.type == "cpu":

@@ -157,6 +157,7 @@ def test_the_cli_fine_tunes_and_prints_a_table(tiny_hf: Path, data: Path, tmp_pa
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.slow  # olive starts a subprocess and trains through the HF Trainer: about 2 minutes on 2 busy cores
 @pytest.mark.skipif(importlib.util.find_spec("olive") is None, reason="olive-ai is not installed (extra 'olive')")
 def test_the_olive_engine_trains_an_adapter_read_back_into_the_same_layout(
         tiny_hf: Path, data: Path, tmp_path: Path) -> None:
