@@ -9,8 +9,9 @@ Workflow of `train(model, train, val, cfg, pad_id=...)`:
 3. each step: loss (`loss_fn`, the answer-token causal-LM loss by default) of each micro-batch, backward, gradients
    clipped to norm 1.0, AdamW step over the trainable parameters, learning rate step;
 4. before the first step (when `val` is given), every `cfg.eval_every` steps and at the end: the validation loss
-   (weighted by answer tokens), one `history` row, the best weights kept when it improved, and a checkpoint (step, optimizer, learning-rate schedule, torch
-   and python RNG, trainable weights, best weights and loss, history) written atomically into `checkpoint_dir`;
+   (weighted by answer tokens), one `history` row, the best weights kept when it improved, and a checkpoint
+   (step, optimizer, learning-rate schedule, torch and python RNG, trainable weights, best weights and loss,
+   history) written atomically into `checkpoint_dir`;
    after `cfg.patience` evaluations without improvement the run stops early;
 5. at the end the best weights (by validation loss) are put back when `val` was given.
 
