@@ -4,8 +4,8 @@
 Workflow: `tiny --out hf/` trains the tiny model, `finetune --base hf/ --data task.jsonl --out ft/`
 fine-tunes a local model (LoRA, QLoRA or full) into `ft/adapter` and `ft/merged`, `export --model hf/ --out
 onnx/` writes an onnxruntime-genai folder, `eval --model onnx/` writes `onnx/eval.json` and prints the metrics.
-This module stays light to import: torch, transformers and onnxruntime-genai load inside the commands. A slmops error prints one red line and exits
-with code 2.
+This module stays light to import: torch, transformers and onnxruntime-genai load inside the commands. A slmops
+error prints one red line and exits with code 2.
 """
 
 from __future__ import annotations
