@@ -101,6 +101,28 @@ class DataSpec(_Spec):
     label_regex: str | None = None
 
 
+class FinetuneSpec(_Spec):
+    """`slmops train finetune` on the recipe's training rows (`trainer.finetune.FinetuneConfig`)."""
+
+    method: Literal["lora", "qlora", "full"] = "lora"
+    engine: Literal["peft", "olive"] = "peft"
+    rank: int = Field(default=16, ge=1, le=1024)
+    alpha: float = Field(default=32.0, gt=0, le=4096)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: str | tuple[str, ...] = "all-linear"
+    steps: int | None = Field(default=None, ge=1, le=10_000_000)
+    epochs: float = Field(default=1.0, gt=0, le=1000)
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    grad_accum: int = Field(default=1, ge=1, le=4096)
+    lr: float = Field(default=2e-4, gt=0, le=1)
+    warmup: float = Field(default=0.05, ge=0, lt=1)
+    eval_every: int = Field(default=50, ge=0)
+    patience: int = Field(default=0, ge=0)
+    max_tokens: int = Field(default=512, ge=8, le=1_048_576)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class ExportSpec(_Spec):
     precision: Literal["int4", "int8", "fp16", "fp32"] = "int4"
     block_size: int = 32
@@ -134,6 +156,7 @@ class PipelineConfig(_Spec):
     work_dir: Path = Path(".slmops-work")
     base: BaseSpec
     data: DataSpec = DataSpec()
+    finetune: FinetuneSpec | None = None
     export: ExportSpec = ExportSpec()
     eval: EvalSpec = EvalSpec()
     bundle: BundleSpec
@@ -251,6 +274,11 @@ class _Runner:
     def __init__(self, work: Path, progress: bool, log: Callable[[str], None]) -> None:
         self.work, self.progress, self.log = work, progress, log
         self.records: list[StepRecord] = []
+        self.key = ""  # the key of the step being built
+
+    def checkpoint(self, name: str) -> Path:
+        """Where the step being built keeps resumable state: a rerun after a crash continues from it."""
+        return self.work / f"{name}-{self.key}.checkpoint"
 
     def step(self, name: str, settings: Any, inputs: list[str], build: Callable[[Path], None]) -> StepRecord:
         key = step_key(name, settings, inputs)
@@ -261,6 +289,7 @@ class _Runner:
             record = StepRecord(name, key, final, True, 0.0)
         else:
             self.log(f"{name}: building {final.name}")
+            self.key = key
             self.work.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.work))
             try:
@@ -300,9 +329,6 @@ def run(
     from trainer.export import export
     from trainer.tiny import build_tiny
 
-    if config.data.train is not None or config.data.test is not None or config.data.label_regex is not None:
-        raise ConfigError("[data] with your own files is not supported by this version of the pipeline yet; "
-                          "leave [data] out to use the shipped triage task")
     runner = _Runner(config.work_dir, progress, log)
 
     # base: a Hugging Face folder
@@ -319,6 +345,9 @@ def run(
                           lambda out: build_tiny(out, steps=tiny.steps, seed=tiny.seed, progress=progress))
         base_out, base_digest = rec.output, rec.key
     model_dir, model_digest = base_out, base_digest
+
+    if config.finetune is not None:
+        model_dir, model_digest = _finetune_step(runner, config, model_dir, model_digest, progress)
 
     exp = config.export
     rec = runner.step("export", exp.model_dump(), [model_digest],
@@ -357,6 +386,52 @@ def run(
         result.uploaded = upload(bundle, config.upload)
     _write_report(config, result)
     return result
+
+
+def _train_rows(data: DataSpec) -> list:
+    """The rows a training step learns from: the task file without its test share, or the shipped train split."""
+    from trainer.dataset import load_rows, reference_rows, split_rows
+
+    if data.train is None:
+        return reference_rows("train")
+    rows = load_rows(data.train)
+    if data.test is not None:
+        return rows
+    parts = split_rows(rows, val=0.0, test=data.test_fraction)
+    return parts["train"]
+
+
+def _rows_digest(rows: list) -> str:
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row.to_json(), sort_keys=True, separators=(",", ":")).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _finetune_step(runner: _Runner, config: PipelineConfig, model_dir: Path, model_digest: str,
+                   progress: bool) -> tuple[Path, str]:
+    from trainer.finetune import FinetuneConfig, finetune
+    from trainer.loop import CHECKPOINT_FILE, TrainConfig
+
+    ft = config.finetune
+    assert ft is not None
+    rows = _train_rows(config.data)
+    train = TrainConfig(max_steps=ft.steps, epochs=ft.epochs, batch_size=ft.batch_size, grad_accum=ft.grad_accum,
+                        lr=ft.lr, warmup=ft.warmup, eval_every=ft.eval_every, patience=ft.patience,
+                        max_tokens=ft.max_tokens, seed=ft.seed, device=ft.device)
+    cfg = FinetuneConfig(method=ft.method, engine=ft.engine, rank=ft.rank, alpha=ft.alpha, dropout=ft.dropout,
+                         target_modules=ft.target_modules, template=config.data.template,
+                         val_fraction=config.data.val_fraction or 0.1, train=train, merge=True)
+    settings = {**ft.model_dump(), "template": config.data.template, "val_fraction": cfg.val_fraction}
+
+    def build(out: Path) -> None:
+        checkpoint = runner.checkpoint("finetune")
+        finetune(model_dir, rows, out, cfg, checkpoint_dir=checkpoint,
+                 resume=(checkpoint / CHECKPOINT_FILE).is_file(), progress=progress)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+    rec = runner.step("finetune", settings, [model_digest, _rows_digest(rows)], build)
+    return rec.output / "merged", rec.key
 
 
 def _write_report(config: PipelineConfig, result: PipelineResult) -> None:

@@ -158,3 +158,24 @@ def test_the_cli_runs_a_recipe_and_fails_with_one_line(tmp_path: Path, tiny_hf: 
     done = CliRunner().invoke(build_app(args), args)
     assert done.exit_code == 2 and "not valid TOML" in done.output
     assert os.path.exists(folder / "dist" / "triage.bundle")  # the earlier bundle is untouched
+
+
+@pytest.mark.slow
+def test_a_recipe_with_a_lora_step_on_the_users_own_rows(tmp_path: Path, tiny_hf: Path) -> None:
+    from trainer.dataset import reference_rows, write_rows
+
+    folder = tmp_path / "r"
+    folder.mkdir()
+    write_rows(folder / "task.jsonl", reference_rows("train")[:120])
+    recipe = folder / "recipe.toml"
+    recipe.write_text(GOOD.replace("tiny = {steps = 4}", f'path = "{tiny_hf}"').replace('keys = ["k.pem"]\n', "")
+                      + '[data]\ntrain = "task.jsonl"\n'
+                      + '[finetune]\nmethod = "lora"\nrank = 4\nsteps = 3\nbatch_size = 4\neval_every = 0\n')
+    result = run_file(recipe, progress=False)
+    assert [s.name for s in result.steps] == ["finetune", "export", "eval", "packed"]
+    done = json.loads((result.steps[0].output / "finetune.json").read_text())
+    assert done["data"]["train_rows"] + done["data"]["val_rows"] < 120  # the recipe's test share never reaches training
+    assert (result.steps[0].output / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(folder.joinpath("work").glob("*.checkpoint"))
+    again = run_file(recipe, progress=False)
+    assert all(s.reused for s in again.steps) and again.sha256 == result.sha256
