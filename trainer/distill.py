@@ -125,7 +125,9 @@ def _student(path: Path, cfg: DistillConfig) -> tuple[Any, Any, list[Any] | None
     """The student model (wrapped in LoRA for method "lora"), its tokenizer, and the parameters to train."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the rich bars of stage 1 and of the training loop are the only ones
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:

@@ -81,24 +81,6 @@ def check_model_folder(path: Path | str, what: str) -> Path:
     return path
 
 
-def pick_device(device: str = "auto") -> Any:
-    """The torch device for "auto" (CUDA when present), "cpu" or "cuda" (a ConfigError when CUDA is absent)."""
-    import torch
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda, not {clip(device)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but no CUDA device is present; use --device cpu or auto")
-    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(device: Any) -> Any:
-    """bf16 on a CUDA device that supports it, else fp32."""
-    import torch
-
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-
-
 # -- local Hugging Face teacher ------------------------------------------------------------------------------------
 class HFTeacher:
     """A local Hugging Face causal LM answering in batches (left padding), on CUDA (bf16 where supported) or CPU."""
@@ -106,8 +88,9 @@ class HFTeacher:
     def __init__(self, path: Path | str, *, template: Template | None = None, top_p: float = 1.0,
                  batch_size: int = 8, device: str = "auto") -> None:
         self.path = check_model_folder(path, "teacher")
-        if not 0 < top_p <= 1 or batch_size < 1:
-            raise ConfigError(f"top_p must be in (0, 1] and batch_size >= 1, not {top_p} and {batch_size}")
+        if not 0 < top_p <= 1 or batch_size < 1 or device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"top_p must be in (0, 1], batch_size >= 1 and device auto, cpu or cuda, not {top_p}, "
+                              f"{batch_size} and {clip(device)}")
         self.template = template or Template()
         self.top_p, self.batch_size, self.device = top_p, batch_size, device
         self.name = f"hf:{self.path.name}"
@@ -118,16 +101,19 @@ class HFTeacher:
     def load(self) -> tuple[Any, Any]:
         """The model (eval mode, on its device) and tokenizer (left padding), loaded once."""
         if self._model is None:
+            import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # the rich bar of `teacher_answers` is the only one
-            device = pick_device(self.device)
+            from trainer.loop import pick_device
+
+            device, half = pick_device(self.device)  # bf16 on a CUDA device that supports it
             tokenizer = AutoTokenizer.from_pretrained(self.path)
             tokenizer.padding_side = "left"
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=pick_dtype(device))
+            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=half or torch.float32)
             self._model, self._tokenizer = model.to(device).eval(), tokenizer
         return self._model, self._tokenizer
 
