@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from protocol.errors import ConfigError
 from trainer.dataset import Row, Template, encode, load_rows, split_rows, write_rows
-from trainer.loop import TrainConfig, TrainResult, train
+from trainer.loop import TrainConfig, TrainResult, pick_device, train
 from trainer.teacher import HFTeacher, Teacher, answer_prompts, check_model_folder
 
 RESULT_FILE = "distill.json"
@@ -168,6 +168,7 @@ def distill(student: Path | str, teacher: Teacher, prompts: Path | str | Sequenc
     out = Path(out)
     _check_out(out)
     student = check_model_folder(student, "student")
+    pick_device(cfg.train.device)  # no CUDA when --device cuda: refused now, not after stage 1
     rows = load_rows(prompts, need_answer=False) if isinstance(prompts, (str, Path)) else list(prompts)
     if not rows:
         raise ConfigError("no prompts to distil on")
@@ -184,6 +185,8 @@ def distill(student: Path | str, teacher: Teacher, prompts: Path | str | Sequenc
     stage1 = answer_prompts(rows, teacher, cache, samples=cfg.samples, temperature=cfg.temperature,
                             max_new_tokens=cfg.max_new_tokens, label_regex=cfg.label_regex, progress=progress)
 
+    if cfg.mode == "text" and isinstance(teacher, HFTeacher):
+        teacher.unload()  # its memory goes to the student
     model, tokenizer, trainable = _student(student, cfg)
     template = Template(cfg.template)
     splits = split_rows(stage1.rows, val=cfg.val, test=0.0, seed=cfg.train.seed)

@@ -117,6 +117,15 @@ class HFTeacher:
             self._model, self._tokenizer = model.to(device).eval(), tokenizer
         return self._model, self._tokenizer
 
+    def unload(self) -> None:
+        """Free the model (and its GPU memory) until the next `load`."""
+        if self._model is not None:
+            import torch
+
+            self._model = self._tokenizer = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     def answer(self, rows: Sequence[Row], *, temperature: float, max_new_tokens: int, seed: int) -> list[str]:
         import torch
         from transformers import LogitsProcessorList

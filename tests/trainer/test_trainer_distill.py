@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from protocol.errors import ConfigError, TransportError
 from trainer.dataset import DataError, Row, Template, encode, reference_rows
+from trainer.loop import TrainConfig
 from trainer.teacher import HFTeacher, OpenAITeacher, answer_prompts, read_cache, teacher_answers
 
 KEY = "k-0123456789abcdef"
@@ -107,6 +108,8 @@ CASES = {  # id: (run_distill keyword arguments, DistillConfig changes, error, m
     "student-not-a-model": (lambda c: {"teacher": c.tiny_hf, "student": c.tmp}, {}, ConfigError, "config.json"),
     "samples-at-temperature-0": (lambda c: {"teacher": c.tiny_hf}, {"samples": 2}, ConfigError, "temperature"),
     "neither-teacher": (lambda c: {}, {}, ConfigError, "either a teacher folder"),
+    "cuda-asked-but-absent": (lambda c: {"teacher_url": _refused_port(), "teacher_model": "triage"},
+                              {"train": TrainConfig(max_steps=1, device="cuda")}, ConfigError, "no CUDA device"),
 }
 
 
@@ -126,9 +129,12 @@ class Ctx:
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_refusals_leave_nothing_behind(case: str, request: pytest.FixtureRequest, tmp_path: Path, tiny_hf: Path,
                                        student: Path, stranger: Path) -> None:
-    from trainer.distill import DistillConfig, run_distill
-    from trainer.loop import TrainConfig
+    import torch
 
+    from trainer.distill import DistillConfig, run_distill
+
+    if case == "cuda-asked-but-absent" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     make, changes, error, message = CASES[case]
     out, cache = tmp_path / "out", tmp_path / "cache.jsonl"
     if case == "non-empty-out":
@@ -164,7 +170,7 @@ class Flaky:
 def test_an_interrupted_run_resumes_from_the_cache_and_answers_only_the_rest(teacher: HFTeacher,
                                                                                tmp_path: Path) -> None:
     rows, cache = prompts(8), tmp_path / "cache.jsonl"
-    opts = {"samples": 2, "temperature": 1.0, "max_new_tokens": 16, "progress": False}
+    opts = {"samples": 2, "temperature": 1.0, "max_new_tokens": 10, "progress": False}
     first = Flaky(teacher, ok=3)
     with pytest.raises(TransportError):
         teacher_answers(rows, first, cache, **opts)
@@ -281,7 +287,6 @@ def test_stage_two_trains_the_student_on_the_teachers_answers(mode: str, method:
                                                               teacher: HFTeacher, student: Path, answered,
                                                               tmp_path: Path) -> None:
     from trainer.distill import DistillConfig, distill
-    from trainer.loop import TrainConfig
 
     (rows, stage1), out, cache = answered, tmp_path / "out", tmp_path / "cache.jsonl"
     shutil.copy(stage1, cache)
