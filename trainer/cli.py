@@ -1,7 +1,8 @@
-"""Command line of the trainer: `tiny` builds the reference model, `export` converts, `eval` scores, `distill`
-trains a student on a teacher's answers.
+"""Command line of the trainer: `tiny` builds the reference model, `finetune` adapts a base, `distill` trains a
+student on a teacher's answers, `export` converts, `eval` scores.
 
-Workflow: `tiny --out hf/` trains the tiny model, `export --model hf/ --out onnx/` writes an onnxruntime-genai
+Workflow: `tiny --out hf/` trains the tiny model, `finetune --base hf/ --data task.jsonl --out ft/` fine-tunes a
+local model (LoRA, QLoRA or full) into `ft/adapter` and `ft/merged`, `export --model hf/ --out onnx/` writes an onnxruntime-genai
 folder, `eval --model onnx/` writes `onnx/eval.json` and prints the metrics. This module stays light to import:
 torch, transformers and onnxruntime-genai load inside the commands. A slmops error prints one red line and exits
 with code 2.
@@ -55,6 +56,82 @@ def tiny(
     except SlmopsError as exc:
         raise _fail(exc) from exc
     console.print(f"tiny model written to [bold]{path}[/bold] in {time.perf_counter() - start:.0f}s")
+
+
+class Method(str, Enum):
+    """How to fine-tune."""
+
+    lora = "lora"
+    qlora = "qlora"
+    full = "full"
+
+
+class Device(str, Enum):
+    """Where to train."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+def finetune(
+    base: Annotated[Path, typer.Option(help="Local Hugging Face model folder to start from.")],
+    data: Annotated[Path, typer.Option(help="Task JSONL (prompt/answer or messages rows).")],
+    out: Annotated[Path, typer.Option(help="Folder to write adapter/, merged/ and finetune.json into.")],
+    val: Annotated[Path | None, typer.Option(help="Validation JSONL (default: a hash split of --data).")] = None,
+    method: Annotated[Method, typer.Option(help="lora, qlora (CUDA only) or full.")] = Method.lora,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 32.0,
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: --epochs decide).")] = None,
+    epochs: Annotated[float, typer.Option(help="Passes over the training rows when --steps is not given.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
+    eval_every: Annotated[int, typer.Option(min=0, help="Steps between evaluations (0: at the end).")] = 50,
+    patience: Annotated[int, typer.Option(min=0, help="Evaluations without improvement before stopping.")] = 0,
+    template: Annotated[str, typer.Option(help="'chat' or a text template holding {prompt}.")] = "chat",
+    max_tokens: Annotated[int, typer.Option(min=2, help="Tokens a row is cut to.")] = 512,
+    device: Annotated[Device, typer.Option(help="auto (cuda when present), cpu or cuda.")] = Device.auto,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    engine: Annotated[str, typer.Option(help="peft, or olive (olive finetune in a subprocess).")] = "peft",
+    checkpoint_dir: Annotated[Path | None, typer.Option(
+        help="Checkpoint folder (default: <out>.checkpoint, removed after success).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in the checkpoint.")] = False,
+    merge: Annotated[bool, typer.Option(help="Also write merged/ (the base with the adapter merged in).")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Fine-tune a local model on a task JSONL with LoRA, QLoRA or every weight; prints what the run did."""
+    from trainer.finetune import FinetuneConfig
+    from trainer.finetune import finetune as run_finetune
+    from trainer.loop import TrainConfig
+
+    try:
+        train = TrainConfig(max_steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                            max_tokens=max_tokens, eval_every=eval_every, patience=patience, seed=seed,
+                            device=device.value)
+        cfg = FinetuneConfig(method=method.value, rank=rank, alpha=alpha, template=template, train=train,
+                             merge=merge, engine=engine)
+        result = run_finetune(base, data, out, cfg, val_data=val, checkpoint_dir=checkpoint_dir, resume=resume,
+                              progress=progress)
+    except SlmopsError as exc:
+        raise _fail(exc) from exc
+    r = result.train
+    table = Table(title=f"{method.value} fine-tune of {base.name}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = [
+        ("steps", f"{r.steps}"), ("epochs", f"{r.epochs:.2f}"), ("train_loss", f"{r.train_loss:.4f}"),
+        ("val_loss", "-" if r.val_loss is None else f"{r.val_loss:.4f}"), ("best_step", f"{r.best_step}"),
+        ("stopped_early", f"{r.stopped_early}"), ("seconds", f"{r.seconds:.1f}"),
+        ("tokens_per_s", f"{r.tokens_per_s:.0f}"), ("rows (train/val)", f"{result.train_rows}/{result.val_rows}"),
+        ("trainable params", f"{result.trainable_params:,} of {result.total_params:,}"),
+        ("adapter", f"{result.adapter} ({result.adapter_bytes:,} bytes)" if result.adapter else "-"),
+        ("merged", f"{result.merged}" if result.merged else "-"),
+    ]
+    for name, value in rows:
+        table.add_row(name, escape(value))
+    console.print(table)
 
 
 @app.command()

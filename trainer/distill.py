@@ -7,7 +7,8 @@ Workflow of `distill(student, teacher, prompts, out, cfg)`:
 2. stage 1: `answer_prompts` answers each prompt `samples` times into the cache (`<out>.teacher.jsonl` unless given),
    resuming a run that was cut short;
 3. stage 2: the answered rows are split into train/val by prompt (`split_rows`), encoded with the template (loss on
-   the answer tokens), and the student is trained by `trainer.loop.train`, fully or through a LoRA adapter (PEFT).
+   the answer tokens), and the student is trained by `trainer.loop.train`, fully or through a LoRA adapter (PEFT),
+   loaded, wrapped and merged by trainer.finetune's helpers (so a distilled and a fine-tuned student match).
    "text" mode trains on the teacher's text (cross-entropy); "logits" mode adds soft labels: the teacher runs (eval,
    no grad) on the student's own training sequences inside the loss, and the loss is
    alpha * KL(softmax(t/T) || softmax(s/T)) * T^2 + (1 - alpha) * cross-entropy, on answer tokens only;
@@ -29,6 +30,7 @@ from typing import Any, Literal
 
 from protocol.errors import ConfigError
 from trainer.dataset import Row, Template, encode, load_rows, split_rows, write_rows
+from trainer.finetune import FinetuneConfig, load_model, load_tokenizer, lora_config, merge_adapter
 from trainer.loop import TrainConfig, TrainResult, pick_device, train
 from trainer.teacher import HFTeacher, Teacher, answer_prompts, check_model_folder
 
@@ -51,8 +53,8 @@ class DistillConfig:
     template: str = "chat"  # trainer.dataset.Template text
     val: float = 0.1  # share of prompts held out for validation
     rank: int = 16  # LoRA rank
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
     target_modules: str | tuple[str, ...] = "all-linear"
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -61,9 +63,7 @@ class DistillConfig:
             raise ConfigError(f"mode must be text or logits and method full or lora, not {self.mode}/{self.method}")
         if self.kd_temperature <= 0 or not 0 <= self.alpha <= 1 or not 0 <= self.val < 1:
             raise ConfigError("kd_temperature must be > 0, alpha in [0, 1] and val in [0, 1)")
-        if self.rank < 1 or self.lora_alpha < 1 or not 0 <= self.lora_dropout < 1:
-            raise ConfigError("LoRA rank and alpha must be >= 1 and dropout in [0, 1)")
-        Template(self.template)
+        finetune_config(self)  # LoRA shape, target modules, template and training settings
 
 
 @dataclass(frozen=True)
@@ -121,35 +121,35 @@ def kd_loss(teacher: Any, *, temperature: float, alpha: float, vocab: int) -> An
     return loss_fn
 
 
-def _student(path: Path, cfg: DistillConfig) -> tuple[Any, Any, list[Any] | None]:
-    """The student model (wrapped in LoRA for method "lora"), its tokenizer, and the parameters to train."""
+def finetune_config(cfg: DistillConfig) -> FinetuneConfig:
+    """The fine-tune settings of stage 2, for trainer.finetune's model loading, LoRA and merge helpers."""
+    return FinetuneConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                          target_modules=cfg.target_modules, template=cfg.template, train=cfg.train)
+
+
+def _student(path: Path, cfg: DistillConfig) -> tuple[Any, Any, int]:
+    """The student as trainer.finetune loads it (wrapped in LoRA for method "lora"), its tokenizer and pad id."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the rich bars of stage 1 and of the training loop are the only ones
     torch.manual_seed(cfg.train.seed)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if cfg.method == "full":
-        return model, tokenizer, None
-    from peft import LoraConfig, get_peft_model
+    tokenizer, pad_id = load_tokenizer(path)
+    model = load_model(path, finetune_config(cfg))
+    if cfg.method == "lora":
+        from peft import get_peft_model
 
-    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    return model, tokenizer, [p for p in model.parameters() if p.requires_grad]
+        model = get_peft_model(model, lora_config(finetune_config(cfg)))
+    return model, tokenizer, pad_id
 
 
-def _save(model: Any, tokenizer: Any, work: Path, method: str) -> None:
+def _save(model: Any, tokenizer: Any, student: Path, work: Path, method: str) -> None:
     if method == "lora":
         model.save_pretrained(work / "adapter")
-        model = model.merge_and_unload()
-    model.save_pretrained(work / "merged")
-    tokenizer.save_pretrained(work / "merged")
+        merge_adapter(student, work / "adapter", work / "merged", tokenizer)
+    else:
+        model.save_pretrained(work / "merged")
+        tokenizer.save_pretrained(work / "merged")
 
 
 def rows_digest(rows: Sequence[Row]) -> str:
@@ -187,7 +187,7 @@ def distill(student: Path | str, teacher: Teacher, prompts: Path | str | Sequenc
 
     if cfg.mode == "text" and isinstance(teacher, HFTeacher):
         teacher.unload()  # its memory goes to the student
-    model, tokenizer, trainable = _student(student, cfg)
+    model, tokenizer, pad_id = _student(student, cfg)
     template = Template(cfg.template)
     splits = split_rows(stage1.rows, val=cfg.val, test=0.0, seed=cfg.train.seed)
     if not splits["train"]:
@@ -199,13 +199,12 @@ def distill(student: Path | str, teacher: Teacher, prompts: Path | str | Sequenc
         loss_fn = kd_loss(teacher_model, temperature=cfg.kd_temperature, alpha=cfg.alpha, vocab=len(tokenizer))
     work = out.with_name(f".{out.name}.distill")
     work.mkdir(parents=True, exist_ok=True)
-    result = train(model, examples["train"], examples["val"], cfg.train, pad_id=tokenizer.pad_token_id,
-                   loss_fn=loss_fn, checkpoint_dir=work / "checkpoint", trainable=trainable, progress=progress,
-                   label=f"distill {cfg.mode}")
+    result = train(model, examples["train"], examples["val"], cfg.train, pad_id=pad_id, loss_fn=loss_fn,
+                   checkpoint_dir=work / "checkpoint", progress=progress, label=f"distill {cfg.mode}")
     staging = work / "out"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    _save(model, tokenizer, staging, cfg.method)
+    _save(model, tokenizer, student, staging, cfg.method)
     write_rows(staging / SYNTHETIC_FILE, stage1.rows)
     seconds = time.perf_counter() - start
     summary = {

@@ -8,7 +8,7 @@ Workflow of `train(model, train, val, cfg, pad_id=...)`:
    seeded by (seed, epoch), so the batches of step k never depend on what ran before it;
 3. each step: loss (`loss_fn`, the answer-token causal-LM loss by default) of each micro-batch, backward, gradients
    clipped to norm 1.0, AdamW step over the trainable parameters, learning rate step;
-4. every `cfg.eval_every` steps and at the end: the validation loss (weighted by answer tokens), one `history`
+4. before the first step (when `val` is given), every `cfg.eval_every` steps and at the end: the validation loss (weighted by answer tokens), one `history`
    row, the best weights kept when it improved, and a checkpoint (step, optimizer, learning-rate schedule, torch
    and python RNG, trainable weights, best weights and loss, history) written atomically into `checkpoint_dir`;
    after `cfg.patience` evaluations without improvement the run stops early;
@@ -413,6 +413,8 @@ class _Trainer:
         cfg, run = self.cfg, self.run
         if run.done:
             return
+        if run.step == 0 and not run.history and self.val:  # the starting point, for early stopping and reports
+            self.evaluate([])
         self.model.train()
         window: list[float] = []
         counter = TextColumn("{task.completed}/{task.total} loss {task.fields[loss]} val {task.fields[val]}")

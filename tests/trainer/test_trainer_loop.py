@@ -56,7 +56,8 @@ def test_training_lowers_the_val_loss_and_reports_each_evaluation() -> None:
     result = train(model, TRAIN, VAL, FAST, pad_id=PAD, progress=False)
     assert torch.get_num_threads() == threads  # the loop's one thread is given back
     assert result.steps == 12 and not result.stopped_early
-    assert [h["step"] for h in result.history] == [4, 8, 12]
+    assert [h["step"] for h in result.history] == [0, 4, 8, 12]
+    assert result.history[0]["val_loss"] == pytest.approx(before, abs=1e-6)
     assert result.val_loss == min(h["val_loss"] for h in result.history) < before - 0.3
     assert result.val_loss == pytest.approx(_val_loss(model), abs=1e-6)  # the best weights are in the model
     assert result.epochs == pytest.approx(12 / 12)  # 96 examples in batches of 8: 12 micro-batches an epoch
@@ -76,7 +77,7 @@ def test_the_best_weights_come_back_when_later_evaluations_are_worse() -> None:
     cfg = dataclasses.replace(FAST, warmup=0.0, max_steps=8, eval_every=1)
     result = train(model, TRAIN, VAL, cfg, pad_id=PAD, progress=False, loss_fn=descent_then_ascent)
     losses = [h["val_loss"] for h in result.history]
-    assert result.best_step == 4 and losses[-1] > result.val_loss == min(losses)
+    assert result.best_step == 4 and losses[0] > result.val_loss and losses[-1] > result.val_loss == min(losses)
     assert _val_loss(model) == pytest.approx(result.val_loss, abs=1e-6)
 
 
@@ -85,8 +86,8 @@ def test_early_stopping_fires_after_patience_evaluations_without_improvement() -
     before = _weights(model)
     cfg = dataclasses.replace(FAST, lr=0.0, max_steps=50, eval_every=2, patience=2)
     result = train(model, TRAIN, VAL, cfg, pad_id=PAD, progress=False)
-    assert result.stopped_early and result.steps == 6 and result.best_step == 2
-    assert len(result.history) == 3
+    assert result.stopped_early and result.steps == 4 and result.best_step == 0
+    assert [h["step"] for h in result.history] == [0, 2, 4]
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())  # lr 0 changed nothing
 
 
