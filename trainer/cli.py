@@ -1,5 +1,5 @@
-"""Command line of the trainer: `tiny` builds the reference model, `finetune` adapts a base, `export` converts,
-`eval` scores.
+"""Command line of the trainer: `tiny` builds the reference model, `finetune` adapts a base, `distill` trains a
+student on a teacher's answers, `export` converts, `eval` scores.
 
 Workflow: `tiny --out hf/` trains the tiny model, `finetune --base hf/ --data task.jsonl --out ft/`
 fine-tunes a local model (LoRA, QLoRA or full) into `ft/adapter` and `ft/merged`, `export --model hf/ --out
@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from protocol.errors import SlmopsError
+from protocol.errors import ConfigError, SlmopsError
 from trainer.export import DEFAULT_MAX_LENGTH
 from trainer.tiny import DEFAULT_STEPS
 
@@ -182,3 +182,80 @@ def eval_(
         table.add_row(name, f"{value:.4g}")
     console.print(table)
     console.print(f"written to [bold]{Path(model) / EVAL_FILE}[/bold]")
+
+
+class DistillMode(str, Enum):
+    """What the student learns from: the teacher's text, or its logits too (shared tokenizer only)."""
+
+    text = "text"
+    logits = "logits"
+
+
+class DistillMethod(str, Enum):
+    """How the student's weights change."""
+
+    lora = "lora"
+    full = "full"
+
+
+@app.command()
+def distill(
+    student: Annotated[Path, typer.Option(help="Student Hugging Face model folder.")],
+    prompts: Annotated[Path, typer.Option(help="JSONL of prompts ('prompt' or 'messages'; answers are ignored).")],
+    out: Annotated[Path, typer.Option(help="Folder to write the student into (merged/, distill.json).")],
+    teacher: Annotated[Path | None, typer.Option(help="Teacher Hugging Face model folder.")] = None,
+    teacher_url: Annotated[str | None, typer.Option(
+        help="OpenAI-compatible base URL of the teacher, e.g. http://127.0.0.1:8080/v1.")] = None,
+    teacher_model: Annotated[str | None, typer.Option(help="Model name the teacher URL serves.")] = None,
+    teacher_api_key: Annotated[str | None, typer.Option(
+        envvar="SLMOPS_TEACHER_API_KEY", help="API key of the teacher URL.")] = None,
+    cache: Annotated[Path | None, typer.Option(
+        help="Teacher answer cache (JSONL; an interrupted run continues from it). Default: <out>.teacher.jsonl.")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, max=64, help="Teacher answers per prompt.")] = 1,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="Teacher sampling temperature.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Teacher top-p (HF teacher).")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Teacher answer budget in tokens.")] = 128,
+    label_regex: Annotated[str | None, typer.Option(help="Reads a label from each answer, e.g. '(ok|fault):'.")
+                           ] = None,
+    template: Annotated[str, typer.Option(help="'chat' or a text holding {prompt}.")] = "chat",
+    mode: Annotated[DistillMode, typer.Option(help="text, or logits (teacher and student share a tokenizer).")
+                    ] = DistillMode.text,
+    method: Annotated[DistillMethod, typer.Option(help="Train a LoRA adapter (merged at the end) or all weights.")
+                      ] = DistillMethod.lora,
+    kd_temperature: Annotated[float, typer.Option(min=0.01, help="Soft-label temperature T (logits mode).")] = 2.0,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the KL term (logits mode).")] = 0.5,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps (default: --epochs decide).")] = None,
+    epochs: Annotated[float, typer.Option(min=0.01, help="Training epochs when --steps is not given.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per step.")] = 8,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate.")] = 2e-4,
+    val: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of prompts held out for validation.")] = 0.1,
+    eval_every: Annotated[int, typer.Option(min=0, help="Steps between evaluations (0: at the end).")] = 50,
+    patience: Annotated[int, typer.Option(min=0, help="Evaluations without improvement before stopping.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Distil a teacher into a student: the teacher answers the prompts (cached), the student trains on them."""
+    from trainer.distill import DistillConfig, run_distill
+    from trainer.loop import TrainConfig
+
+    start = time.perf_counter()
+    try:
+        if (teacher is None) == (teacher_url is None) or (teacher_url is not None and not teacher_model):
+            raise ConfigError("pass either --teacher DIR or --teacher-url URL with --teacher-model NAME")
+        train = TrainConfig(max_steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, eval_every=eval_every,
+                            patience=patience, seed=seed, device=device)
+        cfg = DistillConfig(mode=mode.value, method=method.value, kd_temperature=kd_temperature, alpha=alpha,
+                            samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                            label_regex=label_regex, template=template, val=val, rank=rank, lora_alpha=2 * rank,
+                            train=train)
+        result = run_distill(student, prompts, out, cfg, teacher=teacher, teacher_url=teacher_url,
+                             teacher_model=teacher_model, api_key=teacher_api_key, top_p=top_p, device=device,
+                             cache=cache)
+    except SlmopsError as exc:
+        raise _fail(exc) from exc
+    val_loss = f", val loss {result.train.val_loss:.4f}" if result.train.val_loss is not None else ""
+    console.print(f"teacher answers: {result.cached} from the cache, {result.answered} new; "
+                  f"{result.train.steps} steps, train loss {result.train.train_loss:.4f}{val_loss}")
+    console.print(f"student written to [bold]{result.merged}[/bold] in {time.perf_counter() - start:.0f}s")
