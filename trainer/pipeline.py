@@ -95,7 +95,7 @@ class DataSpec(_Spec):
 
     train: Path | None = None
     test: Path | None = None
-    val_fraction: float = Field(default=0.1, ge=0, lt=1)
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
     test_fraction: float = Field(default=0.1, ge=0, lt=1)
     template: str = "chat"
     label_regex: str | None = None
@@ -325,6 +325,7 @@ def run(
     log: Callable[[str], None] = lambda _line: None,
 ) -> PipelineResult:
     """Run every step of `config` (reusing finished ones) and write the bundle; return what was made."""
+    from trainer.dataset import Template
     from trainer.evaluate import write_eval
     from trainer.export import export
     from trainer.tiny import build_tiny
@@ -356,12 +357,17 @@ def run(
     onnx_dir = rec.output
 
     ev = config.eval
+    task = _eval_task(config.data)
+    template = Template(config.data.template)
 
     def evaluate(out: Path) -> None:
         _copy_tree(onnx_dir, out)
-        write_eval(out, limit=ev.limit, heldout_min_score=ev.heldout_min_score)
+        write_eval(out, task=task, template=template, limit=ev.limit, heldout_min_score=ev.heldout_min_score,
+                   progress=progress)
 
-    rec = runner.step("eval", ev.model_dump(exclude={"timings_in_manifest"}), [rec.key], evaluate)
+    eval_settings = {**ev.model_dump(exclude={"timings_in_manifest"}), "dataset": task.dataset,
+                     "template": config.data.template, "label_regex": config.data.label_regex}
+    rec = runner.step("eval", eval_settings, [rec.key, _rows_digest(list(task.rows))], evaluate)
     evaluated = rec.output
     full = json.loads((evaluated / "eval.json").read_text(encoding="utf-8"))
     metrics = {k: float(v) for k, v in full.get("metrics", {}).items()}
@@ -401,6 +407,18 @@ def _train_rows(data: DataSpec) -> list:
     return parts["train"]
 
 
+def _eval_task(data: DataSpec) -> Any:
+    """The rows the eval step scores: the test file, the recipe's test share of its rows (the same hash split the
+    training steps left out), or the shipped task's test split."""
+    from trainer.evaluate import load_task
+
+    if data.test is not None:
+        return load_task(data.test, whole_file=True, label_regex=data.label_regex)
+    if data.train is not None:
+        return load_task(data.train, val=0.0, test=data.test_fraction, label_regex=data.label_regex)
+    return load_task(label_regex=data.label_regex)
+
+
 def _rows_digest(rows: list) -> str:
     h = hashlib.sha256()
     for row in rows:
@@ -421,7 +439,7 @@ def _finetune_step(runner: _Runner, config: PipelineConfig, model_dir: Path, mod
                         max_tokens=ft.max_tokens, seed=ft.seed, device=ft.device)
     cfg = FinetuneConfig(method=ft.method, engine=ft.engine, rank=ft.rank, alpha=ft.alpha, dropout=ft.dropout,
                          target_modules=ft.target_modules, template=config.data.template,
-                         val_fraction=config.data.val_fraction or 0.1, train=train, merge=True)
+                         val_fraction=config.data.val_fraction, train=train, merge=True)
     settings = {**ft.model_dump(), "template": config.data.template, "val_fraction": cfg.val_fraction}
 
     def build(out: Path) -> None:

@@ -169,7 +169,7 @@ def test_a_recipe_with_a_lora_step_on_the_users_own_rows(tmp_path: Path, tiny_hf
     write_rows(folder / "task.jsonl", reference_rows("train")[:120])
     recipe = folder / "recipe.toml"
     recipe.write_text(GOOD.replace("tiny = {steps = 4}", f'path = "{tiny_hf}"').replace('keys = ["k.pem"]\n', "")
-                      + '[data]\ntrain = "task.jsonl"\n'
+                      + '[data]\ntrain = "task.jsonl"\nlabel_regex = "^(ok|warning|fault): "\n'
                       + '[finetune]\nmethod = "lora"\nrank = 4\nsteps = 3\nbatch_size = 4\neval_every = 0\n')
     result = run_file(recipe, progress=False)
     assert [s.name for s in result.steps] == ["finetune", "export", "eval", "packed"]
@@ -177,5 +177,8 @@ def test_a_recipe_with_a_lora_step_on_the_users_own_rows(tmp_path: Path, tiny_hf
     assert done["data"]["train_rows"] + done["data"]["val_rows"] < 120  # the recipe's test share never reaches training
     assert (result.steps[0].output / "adapter" / "adapter_model.safetensors").is_file()
     assert not list(folder.joinpath("work").glob("*.checkpoint"))
+    report = json.loads((result.steps[2].output / "eval.json").read_text())
+    assert report["dataset"] == "task/test" and 0 < report["metrics"]["samples"] < 120
+    assert report["heldout"]["match"] == {"regex": "^(ok|warning|fault): "}
     again = run_file(recipe, progress=False)
     assert all(s.reused for s in again.steps) and again.sha256 == result.sha256
