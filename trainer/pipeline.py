@@ -75,6 +75,8 @@ class TinySpec(_Spec):
 
     steps: int = Field(default=300, ge=1, le=100_000)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    shape: Literal["tiny", "teacher"] = "tiny"  # "teacher": the reference teacher, about 5.3x the parameters
+    task: bool = True  # False: corpus only, never a labelled answer (the base a distilled student starts from)
 
 
 class BaseSpec(_Spec):
@@ -123,6 +125,48 @@ class FinetuneSpec(_Spec):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class TeacherSpec(_Spec):
+    """Who answers the prompts: a local Hugging Face folder, the tiny recipe trained here, or an OpenAI-compatible
+    endpoint (an slmops agent's local API is one) with a model name."""
+
+    path: Path | None = None
+    tiny: TinySpec | None = None
+    url: Annotated[str, _full(URL_RE, "url")] | None = None
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    api_key_env: Annotated[str, _full(ENV_RE, "api_key_env")] = "SLMOPS_TEACHER_API_KEY"
+
+    @model_validator(mode="after")
+    def _one(self) -> TeacherSpec:
+        if sum(x is not None for x in (self.path, self.tiny, self.url)) != 1:
+            raise ValueError("[distill.teacher] takes exactly one of 'path', 'tiny' and 'url' (with 'model')")
+        if self.url is not None and not self.model:
+            raise ValueError("[distill.teacher] with a 'url' needs the 'model' name the endpoint serves")
+        return self
+
+
+class DistillSpec(_Spec):
+    """`slmops train distill`: the teacher answers the prompts (stage 1), the model trains on the answers."""
+
+    teacher: TeacherSpec
+    prompts: Path | None = None  # JSONL of prompts (answers ignored); none: the recipe's training rows, unanswered
+    mode: Literal["text", "logits"] = "text"
+    method: Literal["full", "lora"] = "full"
+    kd_temperature: float = Field(default=2.0, gt=0, le=100)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    samples: int = Field(default=1, ge=1, le=64)
+    temperature: float = Field(default=0.0, ge=0, le=10)
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    rank: int = Field(default=16, ge=1, le=1024)
+    steps: int | None = Field(default=None, ge=1, le=10_000_000)
+    epochs: float = Field(default=1.0, gt=0, le=1000)
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    lr: float = Field(default=1e-3, gt=0, le=1)
+    eval_every: int = Field(default=0, ge=0)
+    patience: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class ExportSpec(_Spec):
     precision: Literal["int4", "int8", "fp16", "fp32"] = "int4"
     block_size: int = 32
@@ -156,6 +200,7 @@ class PipelineConfig(_Spec):
     work_dir: Path = Path(".slmops-work")
     base: BaseSpec
     data: DataSpec = DataSpec()
+    distill: DistillSpec | None = None
     finetune: FinetuneSpec | None = None
     export: ExportSpec = ExportSpec()
     eval: EvalSpec = EvalSpec()
@@ -170,10 +215,15 @@ def _absolute(config: PipelineConfig, root: Path) -> PipelineConfig:
         return None if p is None else (p if p.is_absolute() else (root / p)).resolve()
 
     data = config.data.model_copy(update={"train": fix(config.data.train), "test": fix(config.data.test)})
+    distill = config.distill
+    if distill is not None:
+        teacher = distill.teacher.model_copy(update={"path": fix(distill.teacher.path)})
+        distill = distill.model_copy(update={"prompts": fix(distill.prompts), "teacher": teacher})
     base = config.base.model_copy(update={"path": fix(config.base.path)})
     bundle = config.bundle.model_copy(update={"out": fix(config.bundle.out),
                                               "keys": tuple(fix(k) for k in config.bundle.keys)})
-    return config.model_copy(update={"work_dir": fix(config.work_dir), "data": data, "base": base, "bundle": bundle})
+    return config.model_copy(update={"work_dir": fix(config.work_dir), "data": data, "base": base, "bundle": bundle,
+                                     "distill": distill})
 
 
 def parse_config(text: str, *, suffix: str, root: Path) -> PipelineConfig:
@@ -328,7 +378,6 @@ def run(
     from trainer.dataset import Template
     from trainer.evaluate import write_eval
     from trainer.export import export
-    from trainer.tiny import build_tiny
 
     runner = _Runner(config.work_dir, progress, log)
 
@@ -342,10 +391,11 @@ def run(
     else:
         tiny = config.base.tiny
         assert tiny is not None
-        rec = runner.step("base", {"tiny": tiny.model_dump()}, [],
-                          lambda out: build_tiny(out, steps=tiny.steps, seed=tiny.seed, progress=progress))
-        base_out, base_digest = rec.output, rec.key
+        base_out, base_digest = _tiny_step(runner, "base", tiny, progress)
     model_dir, model_digest = base_out, base_digest
+
+    if config.distill is not None:
+        model_dir, model_digest = _distill_step(runner, config, model_dir, model_digest, progress)
 
     if config.finetune is not None:
         model_dir, model_digest = _finetune_step(runner, config, model_dir, model_digest, progress)
@@ -405,6 +455,54 @@ def _train_rows(data: DataSpec) -> list:
         return rows
     parts = split_rows(rows, val=0.0, test=data.test_fraction)
     return parts["train"]
+
+
+def _tiny_step(runner: _Runner, name: str, tiny: TinySpec, progress: bool) -> tuple[Path, str]:
+    from trainer.tiny import build_tiny
+
+    rec = runner.step(name, {"tiny": tiny.model_dump()}, [],
+                      lambda out: build_tiny(out, steps=tiny.steps, seed=tiny.seed, progress=progress,
+                                             shape=tiny.shape, task=tiny.task))
+    return rec.output, rec.key
+
+
+def _distill_step(runner: _Runner, config: PipelineConfig, model_dir: Path, model_digest: str,
+                  progress: bool) -> tuple[Path, str]:
+    from trainer.dataset import Row, load_rows
+    from trainer.distill import DistillConfig, distill, make_teacher
+    from trainer.loop import TrainConfig
+
+    spec = config.distill
+    assert spec is not None
+    who = spec.teacher
+    if who.tiny is not None:
+        teacher_dir, teacher_id = _tiny_step(runner, "teacher", who.tiny, progress)
+    elif who.path is not None:
+        teacher_dir, teacher_id = who.path, folder_digest(who.path)
+    else:
+        teacher_dir, teacher_id = None, f"{who.url} {who.model}"
+    source = load_rows(spec.prompts, need_answer=False) if spec.prompts else _train_rows(config.data)
+    prompts = [Row(r.messages, None, None) for r in source]  # the teacher's answers are all the student sees
+    train = TrainConfig(max_steps=spec.steps, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
+                        eval_every=spec.eval_every, patience=spec.patience, seed=spec.seed, device=spec.device)
+    cfg = DistillConfig(mode=spec.mode, method=spec.method, kd_temperature=spec.kd_temperature, alpha=spec.alpha,
+                        samples=spec.samples, temperature=spec.temperature, max_new_tokens=spec.max_new_tokens,
+                        label_regex=config.data.label_regex, template=config.data.template, rank=spec.rank,
+                        train=train)
+    cfg.check()
+    settings = {**spec.model_dump(exclude={"teacher", "prompts"}), "template": config.data.template,
+                "label_regex": config.data.label_regex}
+
+    def build(out: Path) -> None:
+        teacher = make_teacher(path=teacher_dir, url=who.url, model=who.model,
+                               api_key=os.environ.get(who.api_key_env) or None, template=config.data.template,
+                               device=spec.device)
+        cache = runner.checkpoint("distill").with_suffix(".jsonl")  # stage 1's answers: a rerun after a crash
+        distill(model_dir, teacher, prompts, out, cfg, cache=cache, progress=progress)  # asks only for the rest
+        cache.unlink(missing_ok=True)  # out/synthetic.jsonl keeps them
+
+    rec = runner.step("distill", settings, [model_digest, teacher_id, _rows_digest(prompts)], build)
+    return rec.output / "merged", rec.key
 
 
 def _eval_task(data: DataSpec) -> Any:

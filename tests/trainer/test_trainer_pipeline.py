@@ -182,3 +182,31 @@ def test_a_recipe_with_a_lora_step_on_the_users_own_rows(tmp_path: Path, tiny_hf
     assert report["heldout"]["match"] == {"regex": "^(ok|warning|fault): "}
     again = run_file(recipe, progress=False)
     assert all(s.reused for s in again.steps) and again.sha256 == result.sha256
+
+
+@pytest.mark.slow
+def test_a_recipe_distils_a_teacher_it_trains_into_a_student_that_never_saw_a_label(tmp_path: Path) -> None:
+    from trainer.dataset import reference_rows, write_rows
+
+    folder = tmp_path / "r"
+    folder.mkdir()
+    write_rows(folder / "prompts.jsonl", reference_rows("train")[:24])
+    recipe = folder / "recipe.toml"
+    recipe.write_text(GOOD.replace("tiny = {steps = 4}", "tiny = {steps = 2, task = false}").replace(
+        'keys = ["k.pem"]\n', "") + """
+[distill]
+teacher = {tiny = {steps = 2, shape = "teacher"}}
+prompts = "prompts.jsonl"
+max_new_tokens = 12
+steps = 2
+batch_size = 4
+""")
+    result = run_file(recipe, progress=False)
+    assert [s.name for s in result.steps] == ["base", "teacher", "distill", "export", "eval", "packed"]
+    synthetic = (result.steps[2].output / "synthetic.jsonl").read_text().splitlines()
+    truth = {r.prompt: r.answer for r in reference_rows("train")[:24]}
+    rows = [json.loads(line) for line in synthetic]
+    assert len(rows) == 24 and all(r["prompt"] in truth for r in rows)
+    assert sum(r["answer"] == truth[r["prompt"]] for r in rows) < 24  # the teacher's words, not the labels
+    assert not list((folder / "work").glob("distill-*.jsonl"))
+    assert all(s.reused for s in run_file(recipe, progress=False).steps)
