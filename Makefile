@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 export ORT_DISABLE_TELEMETRY=1 OLIVE_DISABLE_TELEMETRY=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test venv clean bench bench-rollout
+.PHONY: demo test venv clean bench bench-rollout results
 
 venv: $(VENV)/.installed
 
@@ -33,3 +33,8 @@ bench-rollout: venv
 
 clean:
 	rm -rf $(VENV) .cache demo-out .pytest_cache
+
+# docs/results.md: the reference teacher, the distilled student and a LoRA fine-tune, built by recipes/reference/
+# and measured side by side (about 30 minutes on 2 cores the first time; finished steps are reused)
+results: venv
+	$(PY) -m bench.results $(RESULTS_ARGS)
