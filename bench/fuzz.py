@@ -3,7 +3,8 @@
 Workflow: for each parser in `PARSERS` (strategy, check), gathered from `tests/fuzz/`: test_parsers (messages,
 envelope, manifest, bundle, root, chat), test_bodies (the fleet's request bodies and bundle upload, mosquitto's
 dynamic-security answers, the agent's enrolment answer and identity file) and test_gate (the command gate's stored
-state, and refused commands that must leave it byte-identical), hypothesis generates `--examples`
+state, and refused commands that must leave it byte-identical) and test_trainer_inputs (a task file's lines and a
+pipeline recipe), hypothesis generates `--examples`
 inputs (generate phase only: no shrinking, no example database, a fresh seed unless `--seed`); each input runs its
 check under a `--limit-s` alarm of CPU time (so a busy machine does not turn slow inputs into hangs) and a wall-clock
 alarm ten times longer (an input that blocks); the garbage collector is paused while a check runs (a full collection
@@ -32,9 +33,9 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.fuzz import test_bodies, test_gate, test_parsers  # noqa: E402
+from tests.fuzz import test_bodies, test_gate, test_parsers, test_trainer_inputs  # noqa: E402
 
-PARSERS = {**test_parsers.PARSERS, **test_bodies.PARSERS, **test_gate.PARSERS}
+PARSERS = {**test_parsers.PARSERS, **test_bodies.PARSERS, **test_gate.PARSERS, **test_trainer_inputs.PARSERS}
 
 EXAMPLE_CHARS = 4000  # characters of an input's repr kept in the results
 WALL_FACTOR = 10  # an input also counts as a hang after this many times --limit-s of wall-clock time

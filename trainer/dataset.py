@@ -86,7 +86,7 @@ class Row:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any]
-        if len(self.messages) == 1:
+        if len(self.messages) == 1 and self.prompt:  # an empty user message only has the messages form
             out = {"prompt": self.prompt}
         else:
             out = {"messages": [{"role": r, "content": c} for r, c in self.messages]}

@@ -36,7 +36,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from protocol.errors import ConfigError, SlmopsError
 from protocol.manifest import check_name, first_error
@@ -57,6 +57,19 @@ def _full(pattern: re.Pattern[str], what: str) -> AfterValidator:
         return value
 
     return AfterValidator(check)
+
+
+MAX_PATH_CHARS = 4096
+
+
+def _local_path(value: object) -> object:
+    """A path from the recipe: text of at most MAX_PATH_CHARS, no NUL or other control characters."""
+    if isinstance(value, str) and (len(value) > MAX_PATH_CHARS or any(ord(c) < 32 for c in value) or not value):
+        raise ValueError(f"a path is 1 to {MAX_PATH_CHARS} characters without control characters")
+    return value
+
+
+LocalPath = Annotated[Path, BeforeValidator(_local_path)]
 
 
 def _bundle_name(value: str) -> str:
@@ -82,7 +95,7 @@ class TinySpec(_Spec):
 class BaseSpec(_Spec):
     """Where the model starts: a local Hugging Face folder, or the tiny reference model trained here."""
 
-    path: Path | None = None
+    path: LocalPath | None = None
     tiny: TinySpec | None = None
 
     @model_validator(mode="after")
@@ -95,8 +108,8 @@ class BaseSpec(_Spec):
 class DataSpec(_Spec):
     """The task: JSONL files (none: the shipped triage task) and how rows are shown to the model."""
 
-    train: Path | None = None
-    test: Path | None = None
+    train: LocalPath | None = None
+    test: LocalPath | None = None
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
     test_fraction: float = Field(default=0.1, ge=0, lt=1)
     template: str = "chat"
@@ -129,7 +142,7 @@ class TeacherSpec(_Spec):
     """Who answers the prompts: a local Hugging Face folder, the tiny recipe trained here, or an OpenAI-compatible
     endpoint (an slmops agent's local API is one) with a model name."""
 
-    path: Path | None = None
+    path: LocalPath | None = None
     tiny: TinySpec | None = None
     url: Annotated[str, _full(URL_RE, "url")] | None = None
     model: str | None = Field(default=None, min_length=1, max_length=256)
@@ -148,7 +161,7 @@ class DistillSpec(_Spec):
     """`slmops train distill`: the teacher answers the prompts (stage 1), the model trains on the answers."""
 
     teacher: TeacherSpec
-    prompts: Path | None = None  # JSONL of prompts (answers ignored); none: the recipe's training rows, unanswered
+    prompts: LocalPath | None = None  # JSONL of prompts (answers ignored); none: the recipe's training rows, unanswered
     mode: Literal["text", "logits"] = "text"
     method: Literal["full", "lora"] = "full"
     kd_temperature: float = Field(default=2.0, gt=0, le=100)
@@ -183,8 +196,8 @@ class EvalSpec(_Spec):
 class BundleSpec(_Spec):
     name: Annotated[str, AfterValidator(_bundle_name)]
     version: int = Field(ge=1, le=2**63 - 1)
-    out: Path
-    keys: tuple[Path, ...] = ()
+    out: LocalPath
+    keys: tuple[LocalPath, ...] = ()
     created: datetime | None = None
     expires_days: int = Field(default=90, ge=1, le=3650)
     base_model: str = Field(default="", max_length=256)
@@ -197,7 +210,7 @@ class UploadSpec(_Spec):
 
 
 class PipelineConfig(_Spec):
-    work_dir: Path = Path(".slmops-work")
+    work_dir: LocalPath = Path(".slmops-work")
     base: BaseSpec
     data: DataSpec = DataSpec()
     distill: DistillSpec | None = None
@@ -237,6 +250,8 @@ def parse_config(text: str, *, suffix: str, root: Path) -> PipelineConfig:
             raw = yaml.safe_load(text)
         else:
             raise ConfigError(f"a pipeline file ends in .toml, .yaml or .yml, not {suffix!r}")
+    except RecursionError as exc:
+        raise ConfigError("the pipeline file nests its values too deeply") from exc
     except (tomllib.TOMLDecodeError, ValueError) as exc:
         raise ConfigError(f"the pipeline file is not valid {suffix[1:].upper()}: {str(exc).splitlines()[0]}") from exc
     except Exception as exc:  # yaml.YAMLError and friends
