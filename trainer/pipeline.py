@@ -345,9 +345,13 @@ class _Runner:
         """Where the step being built keeps resumable state: a rerun after a crash continues from it."""
         return self.work / f"{name}-{self.key}.checkpoint"
 
-    def step(self, name: str, settings: Any, inputs: list[str], build: Callable[[Path], None]) -> StepRecord:
-        key = step_key(name, settings, inputs)
-        final = self.work / f"{name}-{key}"
+    def step(self, name: str, settings: Any, inputs: list[str], build: Callable[[Path], None], *,
+             kind: str | None = None) -> StepRecord:
+        """Build step `name` unless its output exists. `kind` (default: the name) is what the key and the folder
+        are named by, so two steps that make the same thing (the tiny recipe as a base and as a teacher) share it."""
+        kind = kind or name
+        key = step_key(kind, settings, inputs)
+        final = self.work / f"{kind}-{key}"
         start = time.perf_counter()
         if final.is_dir():
             self.log(f"{name}: reusing {final.name}")
@@ -477,7 +481,7 @@ def _tiny_step(runner: _Runner, name: str, tiny: TinySpec, progress: bool) -> tu
 
     rec = runner.step(name, {"tiny": tiny.model_dump()}, [],
                       lambda out: build_tiny(out, steps=tiny.steps, seed=tiny.seed, progress=progress,
-                                             shape=tiny.shape, task=tiny.task))
+                                             shape=tiny.shape, task=tiny.task), kind="tiny")
     return rec.output, rec.key
 
 
