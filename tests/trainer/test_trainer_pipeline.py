@@ -213,3 +213,8 @@ batch_size = 4
     assert sum(r["answer"] == truth[r["prompt"]] for r in rows) < 24  # the teacher's words, not the labels
     assert not list((folder / "work").glob("distill-*.jsonl"))
     assert all(s.reused for s in run_file(recipe, progress=False).steps)
+    teacher = folder / "teacher.toml"  # the same tiny settings as a base: the teacher already trained is reused
+    teacher.write_text(GOOD.replace("tiny = {steps = 4}", 'tiny = {steps = 2, shape = "teacher"}').replace(
+        'keys = ["k.pem"]\n', "").replace("triage.bundle", "teacher.bundle"))
+    base = run_file(teacher, progress=False).steps[0]
+    assert base.reused and base.output == result.steps[1].output
