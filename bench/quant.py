@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
     record = {
         "meta": {"stamp": stamp, "argv": vars(args) | {"out": str(args.out)}, "host": platform.node(),
-                 "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "duration_s": round(time.perf_counter() - started),
+                 "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+                 "duration_s": round(time.perf_counter() - started),
                  "qwen05_vocab": models.QWEN05_SHAPE["vocab_size"]},
         "results": [asdict(r) for r in results],
         "choice": choose(results),

@@ -145,11 +145,11 @@ def resolve_settings(
     keep_float: Sequence[str] | None = None,
     keep_int8: Sequence[str] | None = None,
     *,
-    cuda: Callable[[], bool] = cuda_available,
+    cuda: Callable[[], bool] | None = None,
 ) -> ExportSettings:
     """Check the options against the allow-lists and fill in the defaults; raise ConfigError on the first bad one.
     None takes the default: the measured int4 defaults for int4, nothing kept for int8, the builder's accuracy level
-    for CUDA."""
+    for CUDA. `cuda` tells whether CUDA is here (default: `cuda_available`)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if execution_provider not in PROVIDERS:
@@ -157,7 +157,7 @@ def resolve_settings(
     if precision == "fp16" and execution_provider == "cpu":
         raise ConfigError("fp16 exports run on cuda only (the builder makes no fp16 graph the CPU runs); "
                           "use --precision fp32, int8 or int4 for the CPU, or --provider cuda")
-    if execution_provider == "cuda" and not cuda():
+    if execution_provider == "cuda" and not (cuda or cuda_available)():
         raise ConfigError("--provider cuda needs onnxruntime-genai with CUDA (the onnxruntime-genai-cuda package and "
                           "a GPU); this one runs on the CPU only: export with --provider cpu")
     quantized = precision in ("int4", "int8")

@@ -131,7 +131,8 @@ def split_adapter(onnx_dir: Path, adapter_file: Path, model_file: str = "model.o
     adapter = ort.AdapterFormat()
     adapter.set_adapter_version(1)
     adapter.set_model_version(1)
-    adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(params[k])) for k in sorted(params)})
+    values = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(params[k])) for k in sorted(params)}
+    adapter.set_parameters(values)
     adapter.export_adapter(str(adapter_file))
 
     data = f"{model_file}.data"
