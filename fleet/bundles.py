@@ -76,6 +76,7 @@ def build_bundle(
     precision: str = "int4",
     expires: datetime | None = None,
     description: str = "",
+    execution_provider: str = "cpu",
 ) -> Manifest:
     """Pack `model_dir` into `out_path`; with no signers the envelope carries no signature (sign it later). Without
     `expires` the manifest expires `DEFAULT_EXPIRY_DAYS` after `now` (every manifest carries an expiry)."""
@@ -91,7 +92,7 @@ def build_bundle(
             name=name,
             version=version,
             base_model=base_model,
-            target=Target(precision=precision),
+            target=Target(precision=precision, execution_provider=execution_provider),
             files=tuple(entries),
             created=now,
             expires=expires,

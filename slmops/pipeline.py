@@ -43,22 +43,24 @@ def packer(signers: list) -> Packer:
     def pack(model_dir: Path, spec: BundleSpec, created: datetime) -> Path:
         from fleet.bundles import build_bundle
 
+        precision, provider = _target(model_dir)
         build_bundle(model_dir, spec.out, name=spec.name, version=spec.version, signers=signers, now=created,
-                     base_model=spec.base_model, precision=_precision(model_dir),
+                     base_model=spec.base_model, precision=precision, execution_provider=provider,
                      expires=expires_for(spec, created), description=spec.description)
         return spec.out
 
     return pack
 
 
-def _precision(model_dir: Path) -> str:
-    """The precision the export step recorded (int4 when it says nothing)."""
+def _target(model_dir: Path) -> tuple[str, str]:
+    """The precision and execution provider the export step recorded in export.json (int4, cpu without one)."""
     import json
 
     try:
-        return json.loads((model_dir / "export.json").read_text(encoding="utf-8"))["precision"]
-    except (OSError, ValueError, KeyError):
-        return "int4"
+        doc = json.loads((model_dir / "export.json").read_text(encoding="utf-8"))
+        return str(doc["precision"]), str(doc["execution_provider"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "int4", "cpu"
 
 
 def run_file(config: Path, *, keys: list[Path] | None = None, progress: bool = True,

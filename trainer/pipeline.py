@@ -181,9 +181,14 @@ class DistillSpec(_Spec):
 
 
 class ExportSpec(_Spec):
+    """`slmops train export`: precision, execution provider and the int4/int8 options (`trainer.export`)."""
+
     precision: Literal["int4", "int8", "fp16", "fp32"] = "int4"
-    block_size: int = 32
+    provider: Literal["cpu", "cuda"] = "cpu"
+    block_size: Literal[16, 32, 64, 128, 256] = 32
     accuracy_level: int = Field(default=4, ge=0, le=4)
+    keep_float: tuple[Literal["lm_head", "embeddings"], ...] = ()
+    keep_int8: tuple[Literal["lm_head", "sensitive"], ...] = ()
     max_length: int = Field(default=2048, ge=16, le=1_048_576)
 
 
@@ -421,8 +426,10 @@ def run(
 
     exp = config.export
     rec = runner.step("export", exp.model_dump(), [model_digest],
-                      lambda out: export(model_dir, out, precision=exp.precision, block_size=exp.block_size,
-                                         accuracy_level=exp.accuracy_level, max_length=exp.max_length))
+                      lambda out: export(model_dir, out, precision=exp.precision, execution_provider=exp.provider,
+                                         block_size=exp.block_size, accuracy_level=exp.accuracy_level,
+                                         keep_float=exp.keep_float, keep_int8=exp.keep_int8,
+                                         max_length=exp.max_length))
     onnx_dir = rec.output
 
     ev = config.eval

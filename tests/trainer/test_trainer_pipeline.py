@@ -218,3 +218,15 @@ batch_size = 4
         'keys = ["k.pem"]\n', "").replace("triage.bundle", "teacher.bundle"))
     base = run_file(teacher, progress=False).steps[0]
     assert base.reused and base.output == result.steps[1].output
+
+
+def test_the_manifest_names_the_precision_the_recipe_exported(tmp_path: Path, tiny_hf: Path) -> None:
+    folder = tmp_path / "r"
+    folder.mkdir()
+    recipe = folder / "recipe.toml"
+    key = generate_keypair()
+    (folder / "k.pem").write_bytes(key.to_pem())
+    recipe.write_text(GOOD.replace("tiny = {steps = 4}", f'path = "{tiny_hf}"') + '[export]\nprecision = "int8"\n')
+    result = run_file(recipe, progress=False)
+    manifest = verify_bundle(result.bundle, Keyring((key.public,)), now=first_created())
+    assert (manifest.target.precision, manifest.target.execution_provider) == ("int8", "cpu")
