@@ -90,7 +90,7 @@ class Method(str, Enum):
 
 
 class Device(str, Enum):
-    """Where to train."""
+    """Where a model trains, or where a Hugging Face model runs during evaluation."""
 
     auto = "auto"
     cpu = "cpu"
@@ -209,14 +209,6 @@ def export(
     if "adapter" in record:
         console.print(f"adapter: [bold]{escape(record['adapter']['file'])}[/bold] "
                       f"({record['adapter']['bytes'] / 2**10:,.1f} kB, rank {record['adapter']['rank']})")
-
-
-class Device(str, Enum):
-    """Where a Hugging Face model runs during evaluation."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class Split(str, Enum):

@@ -519,13 +519,18 @@ def _distill_step(runner: _Runner, config: PipelineConfig, model_dir: Path, mode
     settings = {**spec.model_dump(exclude={"teacher", "prompts"}), "template": config.data.template,
                 "label_regex": config.data.label_regex}
 
+    # Stage 1's answers depend on the teacher, the prompts and the sampling only: one file for every distil step
+    # that asks the same (text and logits, full and LoRA), kept so a rerun after a crash asks only for the rest.
+    stage1 = {"teacher": teacher_id, "prompts": _rows_digest(prompts), "samples": spec.samples,
+              "temperature": spec.temperature, "max_new_tokens": spec.max_new_tokens,
+              "template": config.data.template, "label_regex": config.data.label_regex}
+    cache = runner.work / f"answers-{step_key('answers', stage1, [])}.jsonl"
+
     def build(out: Path) -> None:
         teacher = make_teacher(path=teacher_dir, url=who.url, model=who.model,
                                api_key=os.environ.get(who.api_key_env) or None, template=config.data.template,
                                device=spec.device)
-        cache = runner.checkpoint("distill").with_suffix(".jsonl")  # stage 1's answers: a rerun after a crash
-        distill(model_dir, teacher, prompts, out, cfg, cache=cache, progress=progress)  # asks only for the rest
-        cache.unlink(missing_ok=True)  # out/synthetic.jsonl keeps them
+        distill(model_dir, teacher, prompts, out, cfg, cache=cache, progress=progress)
 
     rec = runner.step("distill", settings, [model_digest, teacher_id, _rows_digest(prompts)], build)
     return rec.output / "merged", rec.key

@@ -125,17 +125,9 @@ def _lm_blocks(tokenizer: PreTrainedTokenizerFast, paragraphs: list[str]) -> lis
 
 def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, attention mask and labels (-100 before `start` and on padding)."""
-    import torch
+    from trainer.dataset import collate
 
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (seq, start) in enumerate(rows):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        labels[i, start : len(seq)] = torch.tensor(seq[start:])
-    return ids, mask, labels
+    return collate(rows, pad_id)
 
 
 def _lr_at(step: int, steps: int) -> float:

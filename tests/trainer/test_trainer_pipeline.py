@@ -211,8 +211,14 @@ batch_size = 4
     rows = [json.loads(line) for line in synthetic]
     assert len(rows) == 24 and all(r["prompt"] in truth for r in rows)
     assert sum(r["answer"] == truth[r["prompt"]] for r in rows) < 24  # the teacher's words, not the labels
-    assert not list((folder / "work").glob("distill-*.jsonl"))
+    assert len(list((folder / "work").glob("answers-*.jsonl"))) == 1  # stage 1, kept for the next distil step
     assert all(s.reused for s in run_file(recipe, progress=False).steps)
+    logits = folder / "logits.toml"  # another mode asks the teacher nothing new
+    logits.write_text(recipe.read_text().replace('prompts = "prompts.jsonl"', 'prompts = "prompts.jsonl"\nmode = "logits"'))
+    steps = run_file(logits, progress=False).steps
+    assert [s.reused for s in steps][:3] == [True, True, False]
+    assert len(list((folder / "work").glob("answers-*.jsonl"))) == 1
+    assert (steps[2].output / "synthetic.jsonl").read_bytes() == (result.steps[2].output / "synthetic.jsonl").read_bytes()
     teacher = folder / "teacher.toml"  # the same tiny settings as a base: the teacher already trained is reused
     teacher.write_text(GOOD.replace("tiny = {steps = 4}", 'tiny = {steps = 2, shape = "teacher"}').replace(
         'keys = ["k.pem"]\n', "").replace("triage.bundle", "teacher.bundle"))
