@@ -64,18 +64,29 @@ def _fail(exc: SlmopsError) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+class Shape(str, Enum):
+    """The reference model's size."""
+
+    tiny = "tiny"
+    teacher = "teacher"
+
+
 @app.command()
 def tiny(
     out: Annotated[Path, typer.Option(help="Folder to write the Hugging Face model into.")],
     steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = DEFAULT_STEPS,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    shape: Annotated[Shape, typer.Option(help="tiny (~1M parameters) or teacher (~5M, the reference teacher).")]
+    = Shape.tiny,
+    corpus_only: Annotated[bool, typer.Option(
+        help="Train on the corpus only, never on a labelled answer (a base to distil a student into).")] = False,
 ) -> None:
     """Train the tiny reference model (Qwen2, ~1M parameters) on the shipped triage data, on CPU."""
     from trainer.tiny import build_tiny
 
     start = time.perf_counter()
     try:
-        path = build_tiny(out, steps=steps, seed=seed)
+        path = build_tiny(out, steps=steps, seed=seed, shape=shape.value, task=not corpus_only)
     except SlmopsError as exc:
         raise _fail(exc) from exc
     console.print(f"tiny model written to [bold]{path}[/bold] in {time.perf_counter() - start:.0f}s")

@@ -42,3 +42,13 @@ def test_eval_writes_eval_json_and_prints_a_table(tiny_int4: Path, tmp_path: Pat
     result = runner.invoke(app, ["eval", "--model", str(model), "--limit", "1", "--heldout-min-score", "0.6"])
     assert result.exit_code == 0, result.output
     assert json.loads((model / "eval.json").read_text())["heldout"]["min_score"] == 0.6
+
+
+def test_tiny_builds_the_teacher_shape_and_a_corpus_only_base(tmp_path: Path) -> None:
+    done = runner.invoke(app, ["tiny", "--out", str(tmp_path / "t"), "--steps", "1", "--shape", "teacher",
+                               "--corpus-only"])
+    assert done.exit_code == 0, done.output
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (256, 6)
+    done = runner.invoke(app, ["tiny", "--out", str(tmp_path / "x"), "--shape", "huge"])
+    assert done.exit_code == 2 and not (tmp_path / "x").exists()
