@@ -235,9 +235,11 @@ def markdown(table: list[Entry], checks: list[tuple[str, bool, str]], meta: dict
         "- **teacher**: the tiny recipe at 6 layers x 256 (`recipes/reference/teacher.toml`), trained on the "
         "labelled train split.",
         "- **student**: the tiny shape (4 layers x 128), pretrained on the corpus only, then trained only on the "
-        "teacher's greedy answers to the train split's prompts: it never reads a label "
+        "teacher's greedy answers to 6,000 unlabelled log lines (`trainer/data/triage_unlabelled.jsonl`, none of "
+        "them in a split): it never reads a label "
         "(`recipes/reference/student-distilled.toml`; `mode = \"text\"`, and `\"logits\"` for soft labels).",
-        "- **LoRA**: a rank-4 adapter on every linear layer of the corpus-only base, trained on the labelled split "
+        "- **LoRA**: a rank-4 adapter on every linear layer of the same corpus-only base, trained on the labelled "
+        "train split "
         "(`recipes/reference/lora.toml`), merged for export.",
         "",
         "![accuracy against size, and decode speed](img/results.png)",

@@ -41,7 +41,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from protocol.errors import ConfigError, SlmopsError
 from protocol.manifest import check_name, first_error
 
-LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "onnxruntime-genai", "onnxruntime", "onnx")
+LIBRARIES = ("slmops", "torch", "transformers", "peft", "tokenizers", "onnxruntime-genai", "onnxruntime", "onnx")
 TIMING_RE = re.compile(r".*(_ms|_ms_[a-z0-9]+|_per_s|_rss_mb)")  # metric names that are measured speeds or memory
 MAX_CONFIG_BYTES = 1024 * 1024
 URL_RE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]{1,255}(/[A-Za-z0-9._~/-]{0,255})?")

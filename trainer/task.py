@@ -4,7 +4,9 @@ Workflow: `generate(seed)` draws log lines from device families (pumps, gateways
 freezers, HVAC, meters, motors, inverters, edge boxes, sensors, certificates, valves); each family knows the
 thresholds that make a reading ok, a warning or a fault and the action that goes with it. Rows are deduplicated
 by prompt and dealt into train/val/test, so the splits never share a prompt. `write_splits()` writes them as
-JSONL under `trainer/data/`; `load_split()` reads them back. The same seed always gives the same bytes.
+JSONL under `trainer/data/`; `load_split()` reads them back. `write_unlabelled()` writes a pool of further log
+lines without answers (another seed, none of them in a split): the prompts a teacher answers for a distilled
+student. The same seed always gives the same bytes.
 
 A row is `{"prompt": <log line>, "answer": "<label>: <action>", "label": <label>}`; the prompt is the whole
 content of the user message.
@@ -247,6 +249,31 @@ def write_splits(out_dir: Path = DATA_DIR, seed: int = 0) -> list[Path]:
     return paths
 
 
+UNLABELLED_SIZE = 6000  # log lines without answers: what a teacher labels for a distilled student
+UNLABELLED_SEED = 1
+
+
+def unlabelled_prompts(seed: int = UNLABELLED_SEED, size: int = UNLABELLED_SIZE) -> list[str]:
+    """Log lines drawn like the splits' (another seed), none of them a prompt of any shipped split."""
+    taken = {row["prompt"] for rows in generate(0).values() for row in rows}
+    rng = random.Random(seed)
+    prompts: list[str] = []
+    while len(prompts) < size:
+        prompt = make_row(rng)["prompt"]
+        if prompt not in taken:
+            taken.add(prompt)
+            prompts.append(prompt)
+    return prompts
+
+
+def write_unlabelled(out_dir: Path = DATA_DIR, seed: int = UNLABELLED_SEED) -> Path:
+    """Write `triage_unlabelled.jsonl`: one `{"prompt": ...}` per line, no answer, no label."""
+    path = out_dir / "triage_unlabelled.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}, separators=(",", ":")) + "\n" for p in unlabelled_prompts(seed)),
+                    encoding="utf-8")
+    return path
+
+
 def load_split(split: str, data_dir: Path = DATA_DIR) -> list[Row]:
     """Read one shipped split ("train", "val" or "test")."""
     path = data_dir / f"triage_{split}.jsonl"
@@ -260,5 +287,5 @@ def label_of(answer: str) -> str | None:
 
 
 if __name__ == "__main__":
-    for written in write_splits():
+    for written in [*write_splits(), write_unlabelled()]:
         print(written)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -77,3 +78,16 @@ def test_shipped_data_stays_small() -> None:
     total = sum(path.stat().st_size for path in DATA_DIR.iterdir())
     assert total < 1_000_000
     assert len((DATA_DIR / "corpus.txt").read_text(encoding="utf-8").splitlines()) > 150
+
+
+def test_the_unlabelled_pool_is_what_the_generator_writes_and_shares_no_prompt_with_a_split(tmp_path: Path) -> None:
+    from trainer.task import UNLABELLED_SIZE, write_unlabelled
+
+    written = write_unlabelled(tmp_path)
+    assert written.read_bytes() == (DATA_DIR / written.name).read_bytes()
+    pool = [json.loads(line) for line in written.read_text().splitlines()]
+    assert len(pool) == UNLABELLED_SIZE and all(set(p) == {"prompt"} for p in pool)
+    prompts = {p["prompt"] for p in pool}
+    assert len(prompts) == UNLABELLED_SIZE
+    for name in SPLIT_SIZES:
+        assert not prompts & {row["prompt"] for row in load_split(name)}, name
