@@ -112,13 +112,22 @@ def first_created():
     return datetime(2026, 11, 2, tzinfo=timezone.utc)
 
 
-def test_a_changed_setting_rebuilds_only_the_steps_after_it(tmp_path: Path, tiny_hf: Path) -> None:
+def _over(tmp_path: Path, tiny_hf: Path, extra: str = "", *, signed: bool = True) -> tuple[Path, PrivateKey]:
+    """A recipe in tmp_path/r over the cached tiny model (no training step), signed by a fresh key unless not."""
     key = generate_keypair()
     folder = tmp_path / "r"
     folder.mkdir()
-    (folder / "k.pem").write_bytes(key.to_pem())
-    recipe = folder / "recipe.toml"
-    recipe.write_text(GOOD.replace("tiny = {steps = 4}", f'path = "{tiny_hf}"'))
+    text = GOOD.replace("tiny = {steps = 4}", f'path = "{tiny_hf}"')
+    if signed:
+        (folder / "k.pem").write_bytes(key.to_pem())
+    else:
+        text = text.replace('keys = ["k.pem"]\n', "")
+    (folder / "recipe.toml").write_text(text + extra)
+    return folder / "recipe.toml", key
+
+
+def test_a_changed_setting_rebuilds_only_the_steps_after_it(tmp_path: Path, tiny_hf: Path) -> None:
+    recipe, _ = _over(tmp_path, tiny_hf)
     first = run_file(recipe, progress=False)
     assert [s.name for s in first.steps] == ["export", "eval", "packed"]
     recipe.write_text(recipe.read_text().replace("limit = 6", "limit = 8"))
@@ -133,11 +142,8 @@ def test_a_changed_setting_rebuilds_only_the_steps_after_it(tmp_path: Path, tiny
 def test_without_a_creation_time_the_run_says_it_is_not_reproducible(tmp_path: Path, tiny_hf: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
-    folder = tmp_path / "r"
-    folder.mkdir()
-    recipe = folder / "recipe.toml"
-    recipe.write_text(GOOD.replace("tiny = {steps = 4}", f'path = "{tiny_hf}"').replace(
-        "created = 2026-11-01T00:00:00Z\n", "").replace('keys = ["k.pem"]\n', ""))
+    recipe, _ = _over(tmp_path, tiny_hf, signed=False)
+    recipe.write_text(recipe.read_text().replace("created = 2026-11-01T00:00:00Z\n", ""))
     assert run_file(recipe, progress=False).reproducible is False
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1790000000")
     result = run_file(recipe, progress=False)
@@ -147,12 +153,8 @@ def test_without_a_creation_time_the_run_says_it_is_not_reproducible(tmp_path: P
 def test_the_cli_runs_a_recipe_and_fails_with_one_line(tmp_path: Path, tiny_hf: Path) -> None:
     from slmops.cli import build_app
 
-    key = generate_keypair()
-    folder = tmp_path / "r"
-    folder.mkdir()
-    (folder / "k.pem").write_bytes(key.to_pem())
-    recipe = folder / "recipe.toml"
-    recipe.write_text(GOOD.replace("tiny = {steps = 4}", f'path = "{tiny_hf}"'))
+    recipe, _ = _over(tmp_path, tiny_hf)
+    folder = recipe.parent
     args = ["train", "pipeline", str(recipe)]
     done = CliRunner().invoke(build_app(args), args)
     assert done.exit_code == 0, done.output
@@ -167,13 +169,11 @@ def test_the_cli_runs_a_recipe_and_fails_with_one_line(tmp_path: Path, tiny_hf: 
 def test_a_recipe_with_a_lora_step_on_the_users_own_rows(tmp_path: Path, tiny_hf: Path) -> None:
     from trainer.dataset import reference_rows, write_rows
 
-    folder = tmp_path / "r"
-    folder.mkdir()
+    recipe, _ = _over(tmp_path, tiny_hf, '[data]\ntrain = "task.jsonl"\nlabel_regex = "^(ok|warning|fault): "\n'
+                      '[finetune]\nmethod = "lora"\nrank = 4\nsteps = 3\nbatch_size = 4\neval_every = 0\n',
+                      signed=False)
+    folder = recipe.parent
     write_rows(folder / "task.jsonl", reference_rows("train")[:120])
-    recipe = folder / "recipe.toml"
-    recipe.write_text(GOOD.replace("tiny = {steps = 4}", f'path = "{tiny_hf}"').replace('keys = ["k.pem"]\n', "")
-                      + '[data]\ntrain = "task.jsonl"\nlabel_regex = "^(ok|warning|fault): "\n'
-                      + '[finetune]\nmethod = "lora"\nrank = 4\nsteps = 3\nbatch_size = 4\neval_every = 0\n')
     result = run_file(recipe, progress=False)
     assert [s.name for s in result.steps] == ["finetune", "export", "eval", "packed"]
     done = json.loads((result.steps[0].output / "finetune.json").read_text())
@@ -227,12 +227,7 @@ batch_size = 4
 
 
 def test_the_manifest_names_the_precision_the_recipe_exported(tmp_path: Path, tiny_hf: Path) -> None:
-    folder = tmp_path / "r"
-    folder.mkdir()
-    recipe = folder / "recipe.toml"
-    key = generate_keypair()
-    (folder / "k.pem").write_bytes(key.to_pem())
-    recipe.write_text(GOOD.replace("tiny = {steps = 4}", f'path = "{tiny_hf}"') + '[export]\nprecision = "int8"\n')
+    recipe, key = _over(tmp_path, tiny_hf, '[export]\nprecision = "int8"\n')
     result = run_file(recipe, progress=False)
     manifest = verify_bundle(result.bundle, Keyring((key.public,)), now=first_created())
     assert (manifest.target.precision, manifest.target.execution_provider) == ("int8", "cpu")
