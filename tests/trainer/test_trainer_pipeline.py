@@ -231,3 +231,12 @@ def test_the_manifest_names_the_precision_the_recipe_exported(tmp_path: Path, ti
     result = run_file(recipe, progress=False)
     manifest = verify_bundle(result.bundle, Keyring((key.public,)), now=first_created())
     assert (manifest.target.precision, manifest.target.execution_provider) == ("int8", "cpu")
+
+
+@pytest.mark.parametrize("name", ["teacher", "student-distilled", "lora"])
+def test_the_shipped_reference_recipes_parse_and_name_files_that_exist(name: str) -> None:
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(root / "recipes" / "reference" / f"{name}.toml")
+    assert config.work_dir == root / ".cache" / "recipes"
+    if config.distill is not None and config.distill.prompts is not None:
+        assert config.distill.prompts.is_file()
