@@ -341,8 +341,8 @@ def step_key(name: str, settings: Any, inputs: list[str]) -> str:
 
 
 class _Runner:
-    def __init__(self, work: Path, progress: bool, log: Callable[[str], None]) -> None:
-        self.work, self.progress, self.log = work, progress, log
+    def __init__(self, work: Path, log: Callable[[str], None]) -> None:
+        self.work, self.log = work, log
         self.records: list[StepRecord] = []
         self.key = ""  # the key of the step being built
 
@@ -403,7 +403,7 @@ def run(
     from trainer.evaluate import write_eval
     from trainer.export import export
 
-    runner = _Runner(config.work_dir, progress, log)
+    runner = _Runner(config.work_dir, log)
 
     # base: a Hugging Face folder
     if config.base.path is not None:
